@@ -1,0 +1,352 @@
+"""Predictions and explanations from a checkpoint.
+
+``Predictor.from_checkpoint(...)`` rebuilds the model from a self-describing checkpoint and
+takes every preprocessing constant (input size, mean, std, colour space) from its metadata.
+``predict`` is the fast path (``torch.inference_mode``, no hooks). ``explain`` returns the same
+prediction plus a CAM, a heat map and an overlay at the original image's size, and optionally
+activation maps - all from ONE forward and ONE backward:
+
+* the probabilities are read from the forward grad-cam runs (``cam.outputs``);
+* the class to explain is decided from that same output (``cam.DeferredTarget``);
+* activation maps are captured by forward hooks during that forward (``ActivationRecorder``);
+* no parameter requires grad, and ``cam.GraphCut`` makes the target layer's output a leaf
+  that requires grad, so the autograd graph only spans the model's tail (target layer ->
+  head) and the backward is tiny.
+
+Hooks are only ever registered inside ``with`` blocks, and every model call runs under one
+lock, so concurrent ``predict``/``explain`` calls from several threads never see each other's
+hooks or gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import cam as camlib
+from .cam import CAM_METHODS, SLOW_CAM_MESSAGE, SLOW_CAM_METHODS  # noqa: F401  (re-exported)
+from .errors import ConfigError
+
+__all__ = [
+    "CAM_METHODS", "SLOW_CAM_METHODS", "SLOW_CAM_MESSAGE", "Prediction", "Explanation", "Predictor",
+    "PreparedImage", "available_threads", "resolve_device",
+]
+
+
+@dataclass
+class Prediction:
+    probabilities: dict[str, float]   # every class, sums to 1
+    label: str                        # at the stored threshold (2 classes) / argmax (K classes)
+    threshold: float | None           # stored threshold (None for K > 2)
+    positive_class: str | None
+    checkpoint: dict                  # {"arch", "run", "val_f1", "path"}
+    notes: list[str]                  # image loader notes
+
+    @property
+    def probability(self) -> float:
+        """The positive class's probability (2 classes), else the top probability."""
+        if self.positive_class is not None and self.positive_class in self.probabilities:
+            return float(self.probabilities[self.positive_class])
+        return float(max(self.probabilities.values()))
+
+    def to_dict(self) -> dict:
+        return {f: getattr(self, f) for f in ("probabilities", "label", "threshold", "positive_class",
+                                              "checkpoint", "notes")}
+
+
+@dataclass
+class Explanation(Prediction):
+    cam: np.ndarray            # float32 (S, S) in [0, 1], model input resolution
+    heatmap: np.ndarray        # uint8 RGB (H, W, 3), the CAM colour-mapped at the original image's size
+    overlay: np.ndarray        # uint8 RGB (H, W, 3), heat map blended on the original image
+    cam_method: str
+    target_class: str
+    activations: list[tuple[str, np.ndarray]]  # (layer name, uint8 RGB grid); [] when not asked
+
+
+@dataclass
+class PreparedImage:
+    """A decoded image and the model input made from it."""
+
+    image: Any                 # imageio.XRayImage
+    tensor: torch.Tensor       # (1, 3, S, S) float32, normalised, on the CPU
+
+    @property
+    def notes(self) -> list[str]:
+        return list(getattr(self.image, "notes", None) or [])
+
+
+def available_threads() -> int:
+    """CPU cores this process may use (affinity-aware)."""
+    n = os.cpu_count() or 1
+    try:
+        n = min(n, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        pass
+    return max(1, n)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' = cuda > mps > cpu; an explicit device that is not available is a ConfigError."""
+    d = str(device).strip().lower() if not isinstance(device, torch.device) else str(device)
+    if d == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(d)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available here; use --device cpu or auto")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"device {device!r} requested but MPS is not available here; use --device cpu or auto")
+    return dev
+
+
+class Predictor:
+    """A model plus its checkpoint metadata, ready to predict and explain single images."""
+
+    def __init__(self, model: torch.nn.Module, meta: dict, *, device: str | torch.device = "auto",
+                 path: str | os.PathLike | None = None, num_threads: int | None = None,
+                 cam_layers: Sequence[str] | None = None):
+        """``cam_layers``: dotted backbone layer names to explain (default: the registry's)."""
+        from .models import get_spec
+
+        self.meta = dict(meta)
+        self.classes: list[str] = list(meta["classes"])
+        if len(self.classes) < 2:
+            raise ConfigError("a checkpoint needs at least two classes")
+        self.arch: str = meta["arch"]
+        self.spec = get_spec(self.arch)
+        self.input_size: int = int(meta["input_size"])
+        self.mean = tuple(float(v) for v in meta["mean"])
+        self.std = tuple(float(v) for v in meta["std"])
+        self.color_space: str = meta.get("color_space", "rgb") or "rgb"
+        self.num_outputs = 1 if len(self.classes) == 2 else len(self.classes)
+        if len(self.classes) == 2:
+            pos = meta.get("positive_class") or self.classes[-1]
+            if pos not in self.classes:
+                raise ConfigError(f"positive_class {pos!r} is not one of {self.classes}")
+            self.positive_class: str | None = pos
+            self.positive_index: int | None = self.classes.index(pos)
+            t = meta.get("threshold")
+            self.threshold: float | None = 0.5 if t is None else float(t)
+        else:
+            self.positive_class = None
+            self.positive_index = None
+            self.threshold = None
+        vm = meta.get("val_metrics") or {}
+        self.path = str(path) if path is not None else None
+        self.identity = {
+            "arch": self.arch,
+            "run": meta.get("run") or (Path(self.path).parent.name if self.path else None),
+            "val_f1": None if vm.get("f1") is None else float(vm["f1"]),
+            "path": self.path,
+        }
+
+        self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            free = available_threads()
+            torch.set_num_threads(max(1, min(int(num_threads or free), free)))
+        model = model.eval()
+        model.requires_grad_(False)  # inference never needs parameter gradients (see GraphCut)
+        if self.device.type == "cuda":
+            model = model.to(self.device, memory_format=torch.channels_last)
+        else:
+            model = model.to(self.device)
+        self.model = model
+        self._lock = threading.RLock()
+        self.cam_layer_names: tuple[str, ...] = tuple(cam_layers or self.spec.cam_layers)
+        self.activation_layer_names: tuple[str, ...] = tuple(self.spec.activation_layers)
+        self._cam_layers = [camlib.resolve_layer(self.model.backbone, n) for n in self.cam_layer_names]
+
+    # --- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, spec: str | os.PathLike = "best", checkpoints_dir: str | os.PathLike = "checkpoints",
+                        device: str | torch.device = "auto", num_threads: int | None = None,
+                        cam_layers: Sequence[str] | None = None) -> "Predictor":
+        """``spec``: a .safetensors file, a run folder, or 'best' (highest val F1 under ``checkpoints_dir``)."""
+        from .checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(spec, checkpoints_dir)
+        model = loaded.build_model()
+        return cls(model, loaded.meta, device=device, path=loaded.path, num_threads=num_threads,
+                   cam_layers=cam_layers)
+
+    # --- preprocessing --------------------------------------------------------------------
+    def prepare(self, image) -> PreparedImage:
+        """Decode ``image`` (anything ``imageio.load_image`` accepts, or an ``XRayImage``) and
+        build the normalised model input from the checkpoint's own preprocessing config."""
+        from . import imageio
+
+        xray_cls = getattr(imageio, "XRayImage", None)
+        xi = image if (xray_cls is not None and isinstance(image, xray_cls)) else imageio.load_image(image)
+        return PreparedImage(xi, self._to_tensor(xi.pixels))
+
+    def _to_tensor(self, pixels: np.ndarray) -> torch.Tensor:
+        from . import imageio
+        from .transforms import normalize
+
+        sq = imageio.resize_square(pixels, self.input_size)
+        x = torch.from_numpy(np.ascontiguousarray(sq, dtype=np.float32)).permute(2, 0, 1)
+        return normalize(x, self.mean, self.std, self.color_space).unsqueeze(0).contiguous()
+
+    def preprocess(self, image) -> torch.Tensor:
+        """(1, 3, S, S) float32 model input for ``image``."""
+        return self.prepare(image).tensor
+
+    # --- helpers ----------------------------------------------------------------------------
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return x.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        return x.to(self.device)
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    def _probabilities(self, logits: torch.Tensor) -> np.ndarray:
+        """(B, num_outputs) logits -> (B, K) probabilities in ``classes`` order."""
+        logits = logits.detach().to("cpu", torch.float64)  # float64: probabilities sum to 1 exactly
+        if self.num_outputs == 1:
+            p = torch.sigmoid(logits[:, 0])
+            probs = torch.empty(logits.shape[0], 2, dtype=torch.float64)
+            probs[:, self.positive_index] = p
+            probs[:, 1 - self.positive_index] = 1.0 - p
+        else:
+            probs = torch.softmax(logits, dim=1)
+        return probs.numpy()
+
+    def _decide(self, probs_row: np.ndarray) -> int:
+        if self.num_outputs == 1:
+            return self.positive_index if probs_row[self.positive_index] >= self.threshold else 1 - self.positive_index
+        return int(np.argmax(probs_row))
+
+    def _decide_from_output(self, output_row: torch.Tensor) -> int:
+        return self._decide(self._probabilities(output_row.reshape(1, -1))[0])
+
+    def _prediction(self, probs_row: np.ndarray, notes: list[str]) -> Prediction:
+        probabilities = {c: float(p) for c, p in zip(self.classes, probs_row)}
+        return Prediction(
+            probabilities=probabilities,
+            label=self.classes[self._decide(probs_row)],
+            threshold=self.threshold,
+            positive_class=self.positive_class,
+            checkpoint=dict(self.identity),
+            notes=list(notes),
+        )
+
+    def class_index(self, name: str) -> int:
+        if name not in self.classes:
+            raise ConfigError(f"unknown class {name!r}; this checkpoint's classes are: {', '.join(self.classes)}")
+        return self.classes.index(name)
+
+    # --- the fast path ----------------------------------------------------------------------
+    def predict_tensor(self, x: torch.Tensor) -> np.ndarray:
+        """(B, 3, S, S) inputs -> (B, K) probabilities, in inference mode."""
+        with self._lock, torch.inference_mode(), self._autocast():
+            logits = self.model(self._to_device(x))
+        return self._probabilities(logits)
+
+    def predict(self, image) -> Prediction:
+        prepared = image if isinstance(image, PreparedImage) else self.prepare(image)
+        probs = self.predict_tensor(prepared.tensor)
+        return self._prediction(probs[0], prepared.notes)
+
+    def predict_batch(self, images: Sequence, batch_size: int = 16) -> list[Prediction]:
+        """Predictions for several images, ``batch_size`` per forward."""
+        prepared = [im if isinstance(im, PreparedImage) else self.prepare(im) for im in images]
+        out: list[Prediction] = []
+        for i in range(0, len(prepared), max(1, int(batch_size))):
+            chunk = prepared[i:i + batch_size]
+            probs = self.predict_tensor(torch.cat([p.tensor for p in chunk], dim=0))
+            out.extend(self._prediction(row, p.notes) for row, p in zip(probs, chunk))
+        return out
+
+    # --- explanations ------------------------------------------------------------------------
+    def _activation_names(self, activations) -> list[str]:
+        if activations is False or activations is None:
+            return []
+        if activations is True:
+            return list(self.activation_layer_names)
+        if isinstance(activations, str):
+            names = [activations]
+        else:
+            names = [str(n) for n in activations]
+        for n in names:
+            camlib.resolve_layer(self.model.backbone, n)
+        return names
+
+    def explain(self, image, *, cam_method: str = "gradcam", target_class: str | None = None,
+                alpha: float = 0.5, colormap: str = "jet", activations=False) -> Explanation:
+        """Prediction + CAM + heat map/overlay at the original size (+ activation grids).
+
+        ``target_class``: a class name, or None for the predicted class. ``activations``: False,
+        True (the backbone's registered activation layers) or a list of layer names.
+        """
+        method = camlib.check_cam_method(cam_method)
+        camlib.check_colormap(colormap)
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ConfigError(f"alpha (heat-map opacity) must be in [0, 1], got {alpha}")
+        target_index = None if target_class is None else self.class_index(target_class)
+        act_names = self._activation_names(activations)
+        prepared = image if isinstance(image, PreparedImage) else self.prepare(image)
+
+        cam_map, logits, chosen, recorded = self._run_cam(prepared.tensor, method, target_index, act_names)
+
+        probs = self._probabilities(logits)[0]
+        pred = self._prediction(probs, prepared.notes)
+        original = prepared.image.to_uint8_rgb()
+        heat = camlib.colorize(cam_map, original.shape[:2], colormap)
+        over = camlib.blend(original, heat, alpha)
+        grids = [(n, camlib.activation_grid(recorded[n], n)) for n in act_names if n in recorded]
+        return Explanation(
+            **pred.to_dict(),
+            cam=cam_map,
+            heatmap=heat,
+            overlay=over,
+            cam_method=method,
+            target_class=self.classes[chosen],
+            activations=grids,
+        )
+
+    def _run_cam(self, x: torch.Tensor, method: str, target_index: int | None, act_names: list[str]):
+        """One forward + one backward, under the lock: (cam (S,S), logits (1,K'), class index, activations)."""
+        cam_cls = camlib.cam_class(method)
+        if target_index is None:
+            target = camlib.DeferredTarget(self.model, self._decide_from_output, self.num_outputs,
+                                           self.positive_index)
+        else:
+            target = camlib.class_target(target_index, self.num_outputs, self.positive_index)
+        with self._lock, torch.inference_mode(False), torch.enable_grad(), self._autocast():
+            xd = self._to_device(x)
+            with contextlib.ExitStack() as stack:
+                if isinstance(target, camlib.DeferredTarget):
+                    stack.enter_context(target)
+                stack.enter_context(camlib.GraphCut(self._cam_layers))
+                recorder = stack.enter_context(camlib.ActivationRecorder(self.model.backbone, act_names))
+                cam = stack.enter_context(cam_cls(model=self.model, target_layers=self._cam_layers))
+                try:
+                    grayscale = cam(input_tensor=xd, targets=[target])
+                except IndexError as exc:
+                    # grad-cam's __exit__ swallows IndexError; re-raise as something it lets through.
+                    raise RuntimeError(f"{method} failed: {exc}") from exc
+                logits = cam.outputs.detach().float().cpu()
+                cam.outputs = None  # drop the retained graph now
+            recorded = {k: v.float().cpu() for k, v in recorder.outputs.items()}
+        chosen = target_index if target_index is not None else target.class_index
+        cam_map = np.ascontiguousarray(grayscale[0], dtype=np.float32)
+        return np.clip(cam_map, 0.0, 1.0), logits, int(chosen), recorded

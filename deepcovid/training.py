@@ -1,0 +1,762 @@
+"""Training: ``train_one_epoch``, ``evaluate``, ``fit`` (one backbone), grid search, and the
+``deepcovid train`` subcommand.
+
+Shaped after torchvision's ``references/classification/train.py``: plain functions with
+explicit arguments, and a ``main(args)``-style ``run``. Every option defaults to ``None`` on
+the command line so that the precedence is explicit: built-in defaults < ``--preset`` <
+flags given on the command line (< a resumed run's saved config, except ``--epochs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import atomic_write_text, read_checkpoint, save_checkpoint, versions
+from .errors import ConfigError, DataError
+from .metrics import METRIC_KEYS, best_f1_threshold, compute_metrics, format_table
+
+log = logging.getLogger("deepcovid")
+
+PAPER_ARCHS = "resnet50,inception_v3,inception_resnet_v2"
+OPTIMIZERS = ("adam", "adamw", "sgd")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+DEFAULTS: dict = {
+    "arch": PAPER_ARCHS,
+    "weights": "imagenet",
+    "freeze": "backbone",
+    "epochs": 20,
+    "batch_size": 16,
+    "lr": 1e-4,
+    "weight_decay": 0.0,
+    "optimizer": "adam",
+    "momentum": 0.9,
+    "patience": 5,
+    "val_fraction": 0.1,
+    "seed": 0,
+    "input_size": None,      # None: the backbone's own config
+    "color_space": "rgb",
+    "augment": {},           # AugmentConfig overrides, e.g. {"vflip": 0}
+    "no_augment": False,
+    "balance": "weighted-loss",
+    "label_smoothing": 0.0,
+    "device": "auto",
+    "workers": None,         # None: 0 on CPU (the cores are busy with the model), 4 on CUDA
+    "cache": "disk",
+    "cache_dir": None,
+    "positive_class": None,
+    "max_train_batches": None,  # cap per epoch (smoke runs and tests)
+}
+
+PRESETS: dict[str, dict] = {
+    # The Deep Covid preprint's recipe (Table 1 augmentations, Adam 1e-4, batch 16, 20 epochs).
+    "paper": {},
+}
+
+BALANCE_CHOICES = ("weighted-loss", "sampler", "none")
+
+
+# ---------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------
+
+def resolve_config(explicit: dict, preset: str | None = None) -> dict:
+    cfg = dict(DEFAULTS)
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown --preset {preset!r}; choose from: {', '.join(PRESETS)}")
+        cfg.update(PRESETS[preset])
+        cfg["preset"] = preset
+    cfg.update({k: v for k, v in explicit.items() if v is not None})
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: dict) -> None:
+    from .models import list_archs, parse_freeze
+    from .transforms import COLOR_SPACES, AugmentConfig
+
+    for a in str(cfg["arch"]).split(","):
+        if a.strip() not in list_archs():
+            raise ConfigError(f"unknown arch {a.strip()!r}; choose from: {', '.join(list_archs())}")
+    if cfg["optimizer"] not in OPTIMIZERS:
+        raise ConfigError(f"unknown --optimizer {cfg['optimizer']!r}; choose from: {', '.join(OPTIMIZERS)}")
+    if cfg["device"] not in DEVICES:
+        raise ConfigError(f"unknown --device {cfg['device']!r}; choose from: {', '.join(DEVICES)}")
+    if cfg["color_space"] not in COLOR_SPACES:
+        raise ConfigError(f"unknown --color-space {cfg['color_space']!r}; choose from: {', '.join(COLOR_SPACES)}")
+    if cfg["balance"] not in BALANCE_CHOICES:
+        raise ConfigError(f"unknown --balance {cfg['balance']!r}; choose from: {', '.join(BALANCE_CHOICES)}")
+    for key in ("epochs", "batch_size"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be a positive integer, got {cfg[key]!r}")
+    if not (isinstance(cfg["lr"], (int, float)) and cfg["lr"] >= 0):
+        raise ConfigError(f"--lr must be a non-negative number, got {cfg['lr']!r}")
+    if not 0 <= cfg["label_smoothing"] < 0.5:
+        raise ConfigError(f"--label-smoothing must be in [0, 0.5), got {cfg['label_smoothing']}")
+    if cfg["input_size"] is not None and int(cfg["input_size"]) < 32:
+        raise ConfigError(f"--input-size must be at least 32, got {cfg['input_size']}")
+    parse_freeze(cfg["freeze"])
+    AugmentConfig.from_dict(cfg["augment"])
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available (use --device auto or cpu)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("--device mps: MPS is not available (use --device auto or cpu)")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def autocast_for(device: torch.device):
+    """AMP on CUDA (bf16 where supported, else fp16 with a GradScaler); full precision elsewhere."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return (lambda: torch.autocast("cuda", dtype=dtype)), dtype == torch.float16
+    return nullcontext, False
+
+
+# ---------------------------------------------------------------------------------------
+# Loss and probabilities
+# ---------------------------------------------------------------------------------------
+
+class BinaryLoss(nn.Module):
+    """BCE on the positive logit, with a positive-class weight and optional label smoothing."""
+
+    def __init__(self, pos_weight: float | None = None, label_smoothing: float = 0.0):
+        super().__init__()
+        self.register_buffer("pos_weight", torch.tensor([pos_weight]) if pos_weight else None)
+        self.smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        t = target.float().view(-1, 1)
+        if self.smoothing:
+            t = t * (1 - self.smoothing) + 0.5 * self.smoothing
+        return nn.functional.binary_cross_entropy_with_logits(logits.float().view(-1, 1), t, pos_weight=self.pos_weight)
+
+
+def make_criterion(num_classes: int, class_counts: list[int], balance: str, label_smoothing: float) -> nn.Module:
+    """Class imbalance is handled by default with a weighted loss (inverse class frequency)."""
+    counts = np.maximum(np.asarray(class_counts, dtype=np.float64), 1)
+    if num_classes == 2:
+        pos_weight = counts[0] / counts[1] if balance == "weighted-loss" else None
+        return BinaryLoss(pos_weight, label_smoothing)
+    weight = None
+    if balance == "weighted-loss":
+        weight = torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+
+
+def logits_to_probs(logits: torch.Tensor) -> torch.Tensor:
+    """(B,1) -> (B,) positive probability; (B,K) -> (B,K) softmax."""
+    logits = logits.float()
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits[:, 0])
+    return torch.softmax(logits, dim=1)
+
+
+# ---------------------------------------------------------------------------------------
+# One epoch / evaluation
+# ---------------------------------------------------------------------------------------
+
+def train_one_epoch(model, loader, criterion, optimizer, device, *, epoch: int, amp=None, scaler=None,
+                    max_batches: int | None = None, aux_weight: float = 0.4, desc: str = "train"):
+    """One pass over ``loader``; returns (mean loss, labels, probabilities)."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    amp = amp or nullcontext
+    channels_last = device.type == "cuda"
+    total, n = 0.0, 0
+    all_probs, all_labels = [], []
+    total_batches = len(loader) if max_batches is None else min(len(loader), max_batches)
+    bar = tqdm(loader, total=total_batches, desc=f"{desc} epoch {epoch}", unit="batch", leave=False, disable=None)
+    for i, (x, y) in enumerate(bar):
+        if max_batches is not None and i >= max_batches:
+            break
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        with amp():
+            out = model(x)
+            if isinstance(out, tuple):  # InceptionV3 in training: (logits, aux_logits)
+                logits, aux = out
+                loss = criterion(logits, y) + aux_weight * criterion(aux, y)
+            else:
+                logits = out
+                loss = criterion(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}; lower --lr")
+        total += loss.item() * len(y)
+        n += len(y)
+        all_probs.append(logits_to_probs(logits.detach()).cpu())
+        all_labels.append(y.cpu())
+        bar.set_postfix(loss=f"{total / max(n, 1):.4f}")
+    bar.close()
+    return total / max(n, 1), torch.cat(all_labels).numpy(), torch.cat(all_probs).numpy()
+
+
+def evaluate(model, loader, criterion, device, *, amp=None, desc: str = "val"):
+    """Returns (mean loss, labels, probabilities) under ``torch.inference_mode``."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    amp = amp or nullcontext
+    total, n = 0.0, 0
+    all_probs, all_labels = [], []
+    with torch.inference_mode():
+        for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
+            x = x.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = y.to(device, non_blocking=True)
+            with amp():
+                logits = model(x)
+            if criterion is not None:
+                total += criterion(logits, y).item() * len(y)
+            n += len(y)
+            all_probs.append(logits_to_probs(logits).cpu())
+            all_labels.append(y.cpu())
+    return total / max(n, 1), torch.cat(all_labels).numpy(), torch.cat(all_probs).numpy()
+
+
+# ---------------------------------------------------------------------------------------
+# Optimizer state as safetensors-friendly tensors + JSON
+# ---------------------------------------------------------------------------------------
+
+def optimizer_to_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for key, v in meta.get("scalars", {}).items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def make_optimizer(params, cfg: dict):
+    name = cfg["optimizer"]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"] or 0.01)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    raise ConfigError(f"unknown optimizer {name!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# Fitting one backbone
+# ---------------------------------------------------------------------------------------
+
+HISTORY_FIELDS = ["epoch", "lr", "seconds"] + [f"train_{k}" for k in ("loss", "accuracy", "precision", "recall", "f1", "auc")] \
+    + [f"val_{k}" for k in ("loss", "accuracy", "precision", "recall", "f1", "auc")] + ["val_threshold", "val_f1_at_threshold"]
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    arch: str
+    best_epoch: int
+    val_metrics: dict
+    test_metrics: dict | None
+    interrupted: bool = False
+
+
+def _write_history(run_dir: Path, history: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(run_dir / "history.csv", buf.getvalue())
+
+
+def _loaders(splits, spec_cfg: dict, cfg: dict, device: torch.device, images_train, images_val):
+    from torch.utils.data import DataLoader, WeightedRandomSampler
+
+    from .data import XRayDataset
+    from .transforms import AugmentConfig, build_augment
+
+    aug_cfg = AugmentConfig.off() if cfg["no_augment"] else AugmentConfig.from_dict(cfg["augment"])
+    augment = build_augment(aug_cfg, spec_cfg["input_size"])
+    mean, std = spec_cfg["mean"], spec_cfg["std"]
+    train_ds = XRayDataset(images_train, mean, std, cfg["color_space"], augment)
+    val_ds = XRayDataset(images_val, mean, std, cfg["color_space"], None)
+    workers = cfg["workers"] if cfg["workers"] is not None else (4 if device.type == "cuda" else 0)
+    common = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    g = torch.Generator().manual_seed(cfg["seed"])
+    sampler = None
+    if cfg["balance"] == "sampler":
+        labels = np.array(train_ds.labels)
+        w = 1.0 / np.bincount(labels)[labels]
+        sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(labels), generator=g)
+    train_loader = DataLoader(train_ds, batch_size=cfg["batch_size"], shuffle=sampler is None, sampler=sampler,
+                              generator=g, drop_last=len(train_ds) > cfg["batch_size"], **common)
+    val_loader = DataLoader(val_ds, batch_size=cfg["batch_size"] * 2, shuffle=False, **common)
+    return train_loader, val_loader, aug_cfg
+
+
+def _run_name(cfg: dict, arch: str) -> str:
+    return cfg.get("run_name") or f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{arch}"
+
+
+def fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None = None, resume: Path | None = None,
+        splits=None) -> FitResult:
+    """Train one backbone; write the run folder; return the best validation metrics."""
+    from tqdm.auto import tqdm
+
+    from .data import DecodedImages, counts, load_splits
+    from .models import build_model, get_spec
+    from .plots import plot_confusion, plot_curves, plot_roc
+
+    start_epoch, history, best, resume_state = 1, [], None, None
+    if resume is not None:
+        run_dir = Path(resume)
+        last = read_checkpoint(run_dir / "last.safetensors")
+        saved = dict(last.meta["config"])
+        # --epochs may extend a resumed run; everything else comes from the saved run.
+        saved["epochs"] = max(cfg.get("epochs") or saved["epochs"], saved["epochs"]) if cfg.get("_epochs_explicit") else saved["epochs"]
+        cfg = saved
+        arch = cfg["arch"]
+        data_root = Path(last.meta["data"]["root"])
+        resume_state = last
+        start_epoch = int(last.meta["epoch"]) + 1
+        history = list(last.meta.get("history", []))
+        best = last.meta.get("best")
+    arch = arch or cfg["arch"]
+    cfg = {**cfg, "arch": arch}
+    seed_everything(cfg["seed"])
+    device = select_device(cfg["device"])
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+    if splits is None:
+        splits = load_splits(data_root, val_fraction=cfg["val_fraction"], seed=cfg["seed"], positive_class=cfg["positive_class"])
+    classes = splits.classes
+    spec = get_spec(arch)
+    dc = spec.data_config
+    input_size = int(cfg["input_size"] or dc.input_size)
+    spec_cfg = {"input_size": input_size, "mean": list(dc.mean), "std": list(dc.std)}
+
+    # Build the model before decoding data: a failed weights download should fail fast.
+    model = build_model(arch, len(classes), weights="none" if resume_state else cfg["weights"], freeze=cfg["freeze"])
+    if resume_state is not None:
+        model.load_state_dict(resume_state.state_dict)
+
+    if resume is None:
+        run_dir = Path(output) / _run_name(cfg, arch)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(f"run folder {run_dir} already exists; choose another --run-name or use --resume {run_dir}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _attach_log_file(run_dir)
+    log.info("run folder: %s", run_dir)
+
+    cache_dir = Path(cfg["cache_dir"]) if cfg["cache_dir"] else None
+    img_train = DecodedImages(splits.train, input_size, cfg["cache"], cache_dir, desc="decoding train")
+    img_val = DecodedImages(splits.val, input_size, cfg["cache"], cache_dir, desc="decoding val")
+    if len(img_train) == 0 or len(img_val) == 0:
+        raise DataError("no readable training or validation images left after skipping unreadable files")
+    train_counts, val_counts = counts(img_train.samples, classes), counts(img_val.samples, classes)
+    for name, c in (("train", train_counts), ("val", val_counts)):
+        if min(c.values()) == 0:
+            raise DataError(f"the {name} split has no readable images of class(es) {[k for k, v in c.items() if v == 0]}")
+    log.info("classes %s (positive: %s); validation %s", classes, splits.positive_class, splits.val_source)
+    log.info("train %s | val %s%s", train_counts, val_counts,
+             f" | skipped {len(img_train.bad) + len(img_val.bad)} unreadable" if img_train.bad or img_val.bad else "")
+
+    data_meta = {**splits.describe(), "train_counts": train_counts, "val_counts": val_counts,
+                 "skipped": img_train.bad + img_val.bad}
+    train_loader, val_loader, aug_cfg = _loaders(splits, spec_cfg, cfg, device, img_train, img_val)
+    criterion = make_criterion(len(classes), list(train_counts.values()), cfg["balance"], cfg["label_smoothing"]).to(device)
+    eval_criterion = make_criterion(len(classes), list(train_counts.values()), cfg["balance"], 0.0).to(device)
+    if device.type == "cuda":
+        model = model.to(device, memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    else:
+        model = model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg)
+    if resume_state is not None and "optimizer" in resume_state.meta:
+        optimizer_from_tensors(optimizer, resume_state.extra, resume_state.meta["optimizer"])
+    amp, use_scaler = autocast_for(device)
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    resolved = {**cfg, "input_size": input_size, "augment": aug_cfg.to_dict(), "classes": classes,
+                "positive_class": splits.positive_class}
+    atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+    base_meta = {
+        "arch": arch, "classes": classes, "positive_class": splits.positive_class, "num_outputs": model.num_outputs,
+        "input_size": input_size, "mean": spec_cfg["mean"], "std": spec_cfg["std"], "color_space": cfg["color_space"],
+        "config": cfg, "versions": versions(), "data": data_meta, "run": run_dir.name,
+    }
+    binary = len(classes) == 2
+    bad_epochs = 0 if best is None else int(best.get("bad_epochs", 0))
+    best_val_loss = math.inf if best is None else float(best.get("best_val_loss", math.inf))
+    interrupted = False
+    epochs_bar = tqdm(range(start_epoch, cfg["epochs"] + 1), desc=arch, unit="epoch", disable=None,
+                      initial=start_epoch - 1, total=cfg["epochs"])
+    try:
+        for epoch in epochs_bar:
+            seed_everything(cfg["seed"] * 1000 + epoch)  # per-epoch seeds make resumed runs repeatable
+            t0 = time.perf_counter()
+            tr_loss, tr_y, tr_p = train_one_epoch(model, train_loader, criterion, optimizer, device, epoch=epoch,
+                                                  amp=amp, scaler=scaler, max_batches=cfg["max_train_batches"])
+            va_loss, va_y, va_p = evaluate(model, val_loader, eval_criterion, device, amp=amp)
+            threshold = best_f1_threshold(va_y, va_p) if binary else None
+            tr_m = compute_metrics(tr_y, tr_p, classes, 0.5)
+            va_m05 = compute_metrics(va_y, va_p, classes, 0.5)
+            va_m = compute_metrics(va_y, va_p, classes, threshold)
+            row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
+                   "train_loss": tr_loss, **{f"train_{k}": tr_m[k] for k in ("accuracy", "precision", "recall", "f1", "auc")},
+                   "val_loss": va_loss,
+                   **{f"val_{k}": va_m05[k] for k in ("accuracy", "precision", "recall", "f1", "auc")},
+                   "val_threshold": threshold if threshold is not None else float("nan"), "val_f1_at_threshold": va_m["f1"]}
+            history.append(row)
+            _write_history(run_dir, history)
+            plot_curves(history, run_dir / "curves.png")
+
+            improved = best is None or va_m["f1"] > best["f1"] + 1e-12 or (
+                abs(va_m["f1"] - best["f1"]) <= 1e-12 and va_loss < best["loss"])
+            val_metrics = {**{k: va_m[k] for k in METRIC_KEYS}, "loss": va_loss}
+            if "per_class" in va_m:
+                val_metrics["per_class"] = va_m["per_class"]
+            if improved:
+                best = {"epoch": epoch, "f1": va_m["f1"], "loss": va_loss}
+                meta = {**base_meta, "threshold": threshold, "val_metrics": val_metrics, "epoch": epoch,
+                        "val_metrics_at_0.5": {k: va_m05[k] for k in METRIC_KEYS}}
+                save_checkpoint(run_dir, "best", model.state_dict(), meta)
+                if binary:
+                    plot_roc(va_y, va_p, run_dir / "roc_val.png", f"ROC, validation ({arch}, epoch {epoch})")
+                    y_pred = (va_p >= threshold).astype(int)
+                else:
+                    y_pred = va_p.argmax(1)
+                plot_confusion(va_y, y_pred, classes, run_dir / "confusion_val.png",
+                               f"Validation, epoch {epoch}" + (f", threshold {threshold:.3f}" if binary else ""))
+            if va_loss < best_val_loss - 1e-6:
+                best_val_loss, bad_epochs = va_loss, 0
+            else:
+                bad_epochs += 1
+            best.update(best_val_loss=best_val_loss, bad_epochs=bad_epochs)
+            opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+            save_checkpoint(run_dir, "last", model.state_dict(),
+                            {**base_meta, "threshold": threshold, "val_metrics": val_metrics, "epoch": epoch,
+                             "history": history, "best": best, "optimizer": opt_meta}, extra_tensors=opt_tensors)
+            epochs_bar.set_postfix(val_f1=f"{va_m['f1']:.3f}", val_loss=f"{va_loss:.3f}", best=best["epoch"])
+            log.info("epoch %d/%d  train loss %.4f  val loss %.4f  val F1 %.4f (threshold %s)  AUC %.4f  %.0fs",
+                     epoch, cfg["epochs"], tr_loss, va_loss, va_m["f1"],
+                     f"{threshold:.3f}" if threshold is not None else "argmax", va_m["auc"], row["seconds"])
+            if cfg["patience"] and bad_epochs >= cfg["patience"]:
+                log.info("early stop: validation loss has not improved for %d epochs", bad_epochs)
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        log.warning("interrupted: the last finished epoch is saved; continue with --resume %s", run_dir)
+    finally:
+        epochs_bar.close()
+
+    if best is None:
+        return FitResult(run_dir, arch, 0, {}, None, interrupted=True)
+    best_ckpt = read_checkpoint(run_dir / "best.safetensors")
+    test_metrics = None
+    if not interrupted and splits.test:
+        test_metrics = evaluate_on_samples(best_ckpt, splits.test, run_dir, "test", cfg=cfg, device=device)
+        log.info("test (report only, never used for selection): %s",
+                 ", ".join(f"{k} {test_metrics[k]:.4f}" for k in ("accuracy", "f1", "specificity", "auc")))
+    return FitResult(run_dir, arch, int(best_ckpt.meta["epoch"]), best_ckpt.meta["val_metrics"], test_metrics, interrupted)
+
+
+def evaluate_on_samples(ckpt, samples, out_dir: Path | None, name: str, *, cfg: dict | None = None,
+                        device: torch.device | None = None, threshold: float | None = None) -> dict:
+    """Metrics of a loaded checkpoint on samples at its stored threshold; also writes
+    ``<name>_metrics.json`` and ROC/confusion plots into ``out_dir`` when given."""
+    from torch.utils.data import DataLoader
+
+    from .data import DecodedImages, XRayDataset
+    from .plots import plot_confusion, plot_roc
+
+    meta = ckpt.meta
+    device = device or select_device("auto")
+    model = ckpt.build_model().to(device)
+    cache = (cfg or {}).get("cache", "memory")
+    images = DecodedImages(samples, int(meta["input_size"]), "memory" if cache == "off" else cache,
+                           Path(cfg["cache_dir"]) if cfg and cfg.get("cache_dir") else None, desc=f"decoding {name}")
+    if len(images) == 0:
+        raise DataError(f"no readable images to evaluate on ({len(images.bad)} unreadable)")
+    ds = XRayDataset(images, meta["mean"], meta["std"], meta["color_space"])
+    loader = DataLoader(ds, batch_size=32, shuffle=False)
+    amp, _ = autocast_for(device)
+    _, y, p = evaluate(model, loader, None, device, amp=amp, desc=name)
+    classes = meta["classes"]
+    thr = meta["threshold"] if threshold is None else threshold
+    m = compute_metrics(y, p, classes, thr)
+    m["n"] = int(len(y))
+    m["skipped"] = images.bad
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        atomic_write_text(out_dir / f"{name}_metrics.json", json.dumps(m, indent=2, sort_keys=True) + "\n")
+        if len(classes) == 2:
+            plot_roc(y, p, out_dir / f"roc_{name}.png", f"ROC, {name} ({meta['arch']})")
+            y_pred = (p >= thr).astype(int)
+        else:
+            y_pred = p.argmax(1)
+        plot_confusion(y, y_pred, classes, out_dir / f"confusion_{name}.png", f"{name}, threshold {thr}")
+    return m
+
+
+# ---------------------------------------------------------------------------------------
+# Several backbones, grid search
+# ---------------------------------------------------------------------------------------
+
+GRID_KEYS = {"lr": float, "batch_size": int, "optimizer": str, "arch": str, "weights": str,
+             "freeze": str, "label_smoothing": float, "input_size": int, "epochs": int}
+
+
+def parse_grid(text: str) -> list[dict]:
+    """``"lr=1e-4,1e-3;optimizer=adam,sgd"`` -> the list of trial overrides (cartesian product)."""
+    axes = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        if "=" not in part:
+            raise ConfigError(f"--grid entry {part!r} is not KEY=V1,V2 (keys: {', '.join(GRID_KEYS)})")
+        key, values = part.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if key not in GRID_KEYS:
+            raise ConfigError(f"--grid key {key!r} is not one of {', '.join(GRID_KEYS)}")
+        try:
+            vals = [GRID_KEYS[key](v.strip()) for v in values.split(",") if v.strip()]
+        except ValueError as exc:
+            raise ConfigError(f"--grid {key}: {exc}") from exc
+        if not vals:
+            raise ConfigError(f"--grid {key} has no values")
+        axes.append([(key, v) for v in vals])
+    if not axes:
+        raise ConfigError("--grid is empty")
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def _summary_row(res: FitResult) -> dict:
+    row = {k: res.val_metrics.get(k) for k in METRIC_KEYS}
+    row.update(run=res.run_dir.name, arch=res.arch, best_epoch=res.best_epoch)
+    return row
+
+
+def write_leaderboard(output: Path, trials: list[tuple[dict, FitResult]]) -> list[dict]:
+    rows = []
+    for overrides, res in trials:
+        rows.append({**{f"{k}": v for k, v in overrides.items()}, **_summary_row(res),
+                     "val_loss": res.val_metrics.get("loss")})
+    rows.sort(key=lambda r: (-(r["f1"] if r["f1"] is not None else -1), r["val_loss"] if r["val_loss"] is not None else math.inf))
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(Path(output) / "leaderboard.csv", buf.getvalue())
+    md = format_table({f"{i + 1}. {r['run']}": r for i, r in enumerate(rows)})
+    atomic_write_text(Path(output) / "leaderboard.md", "# Grid search, sorted by validation F1\n\n" + md + "\n")
+    return rows
+
+
+def run_many(cfg: dict, data_root: Path, output: Path, trials: list[dict]) -> list[tuple[dict, FitResult]]:
+    from .data import load_splits
+
+    splits = load_splits(data_root, val_fraction=cfg["val_fraction"], seed=cfg["seed"], positive_class=cfg["positive_class"])
+    results = []
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for i, overrides in enumerate(trials):
+        trial_cfg = {**cfg, **overrides}
+        validate_config(trial_cfg)
+        if len(trials) > 1 or not cfg.get("run_name"):
+            suffix = "-".join(f"{k}{v}" for k, v in overrides.items() if k != "arch")
+            base = cfg.get("run_name") or stamp
+            trial_cfg["run_name"] = f"{base}-{trial_cfg['arch']}" + (f"-t{i + 1}-{suffix}" if suffix else "")
+        res = fit(trial_cfg, data_root, output, arch=trial_cfg["arch"], splits=splits)
+        results.append((overrides, res))
+        if res.interrupted:
+            break
+    return results
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+def _attach_log_file(run_dir: Path) -> None:
+    for h in list(log.handlers):
+        if getattr(h, "_deepcovid_run", False):
+            log.removeHandler(h)
+            h.close()
+    fh = logging.FileHandler(run_dir / "train.log")
+    fh._deepcovid_run = True
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(fh)
+
+
+def setup_logging() -> None:
+    if not any(getattr(h, "_deepcovid_console", False) for h in log.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h._deepcovid_console = True
+        h.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, help="ROOT holding train/<CLASS>/ (and optionally val/, test/)")
+    p.add_argument("--output", type=Path, default=Path("checkpoints"), help="where run folders go (default: checkpoints)")
+    p.add_argument("--preset", help=f"a named recipe: {', '.join(PRESETS)}")
+    p.add_argument("--arch", help=f"one or more backbones, comma-separated (default: {PAPER_ARCHS})")
+    p.add_argument("--weights", help="imagenet (default; downloads, except efficientnet_lite0), none, or a local state-dict PATH")
+    p.add_argument("--freeze", help="backbone (default: train the head only), none (train everything), or N (the last N blocks)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--optimizer", help=f"{', '.join(OPTIMIZERS)} (default adam)")
+    p.add_argument("--patience", type=int, help="stop after this many epochs without a lower validation loss (0: never; default 5)")
+    p.add_argument("--val-fraction", type=float, help="share of train/ patients carved out for validation when val/ is missing or small (default 0.1)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--input-size", type=int, help="square input size (default: the backbone's config)")
+    p.add_argument("--color-space", help="rgb (default) or hsv")
+    p.add_argument("--no-augment", action="store_true", default=None, help="switch off all training augmentation")
+    p.add_argument("--augment", action="append", metavar="NAME=VALUE",
+                   help="override one Table 1 augmentation, e.g. --augment vflip=0 --augment rotation=10 "
+                        "(rotation, hflip, vflip, shift, blur, blur_p, brightness, contrast, saturation, hue); 0 switches it off")
+    p.add_argument("--balance", help="class imbalance: weighted-loss (default), sampler, none")
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--positive-class", help="the positive class for two classes (default: the one not named NORMAL)")
+    p.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, mps")
+    p.add_argument("--workers", type=int, help="data-loader worker processes (default: 0 on CPU, 4 on CUDA)")
+    p.add_argument("--cache", help="decoded-image cache: disk (default), memory, off")
+    p.add_argument("--cache-dir", type=Path, help="where the disk cache lives (default: ~/.cache/deepcovid)")
+    p.add_argument("--max-train-batches", type=int, help="cap training batches per epoch (smoke tests)")
+    p.add_argument("--run-name", help="run folder name (default: TIMESTAMP-ARCH)")
+    p.add_argument("--grid", help="grid search, e.g. 'lr=1e-4,1e-3;batch_size=16,32;optimizer=adam,sgd;arch=resnet50;weights=imagenet'")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last checkpoint")
+
+
+def _parse_augment(items: list[str] | None) -> dict | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--augment {item!r} is not NAME=VALUE")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = float(v)
+        except ValueError as exc:
+            raise ConfigError(f"--augment {item!r}: {v!r} is not a number") from exc
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> dict:
+    explicit = {k: getattr(args, k, None) for k in DEFAULTS if k not in ("augment",)}
+    explicit["augment"] = _parse_augment(args.augment)
+    if args.cache_dir is not None:
+        explicit["cache_dir"] = str(args.cache_dir)
+    cfg = resolve_config(explicit, args.preset)
+    cfg["run_name"] = args.run_name
+    cfg["_epochs_explicit"] = args.epochs is not None
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging()
+    cfg = config_from_args(args)
+    output = Path(args.output)
+    if args.resume is not None:
+        res = fit(cfg, None, output, resume=args.resume)
+        _print_results([({}, res)], output, save=False)
+        return 130 if res.interrupted else 0
+    if args.data is None:
+        raise ConfigError("--data ROOT is required (ROOT/train/<CLASS>/<images>)")
+    cfg.pop("_epochs_explicit", None)
+    if args.grid:
+        trials = parse_grid(args.grid)
+        base_archs = [a.strip() for a in str(cfg["arch"]).split(",")]
+        if not any("arch" in t for t in trials):
+            trials = [{**t, "arch": a} for a in base_archs for t in trials]
+        results = run_many(cfg, args.data, output, trials)
+        rows = write_leaderboard(output, results)
+        print(format_table({r["run"]: r for r in rows}))
+        print(f"\nleaderboard: {output / 'leaderboard.md'}")
+        return 130 if any(r.interrupted for _, r in results) else 0
+    archs = [a.strip() for a in str(cfg["arch"]).split(",") if a.strip()]
+    results = run_many(cfg, args.data, output, [{"arch": a} for a in archs])
+    _print_results(results, output, save=len(archs) > 1)
+    return 130 if any(r.interrupted for _, r in results) else 0
+
+
+def _print_results(results, output: Path, save: bool) -> None:
+    rows = {res.run_dir.name: res.val_metrics for _, res in results if res.val_metrics}
+    if not rows:
+        return
+    table = format_table(rows)
+    print("\nValidation (best epoch of each backbone, at its F1-optimal threshold):\n" + table)
+    tests = {res.run_dir.name: res.test_metrics for _, res in results if res.test_metrics}
+    test_table = format_table(tests) if tests else ""
+    if test_table:
+        print("\ntest/ (report only):\n" + test_table)
+    for _, res in results:
+        print(f"best checkpoint: {res.run_dir / 'best.safetensors'} (epoch {res.best_epoch})")
+    if save:
+        text = "# Comparison (the paper's Table 2 shape)\n\n## Validation\n\n" + table + "\n"
+        if test_table:
+            text += "\n## test/ (report only)\n\n" + test_table + "\n"
+        atomic_write_text(Path(output) / "comparison.md", text)
+        print(f"comparison: {Path(output) / 'comparison.md'}")

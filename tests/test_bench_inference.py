@@ -1,0 +1,46 @@
+"""benchmarks/bench_inference.py --quick runs and prints a table of positive timings and ratios."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import torch
+
+from conftest import REPO
+
+
+def load_bench():
+    path = REPO / "benchmarks" / "bench_inference.py"
+    spec = importlib.util.spec_from_file_location("bench_inference", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quick_benchmark_prints_the_table(capsys):
+    bench = load_bench()
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--quick", "--reps", "2", "--warmup", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "efficientnet_lite0 @ 64 px" in out
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"^\((a|b|c|d)\) .*?\s+([0-9.]+)\s+([0-9.]+)$", line)
+        if m:
+            rows[m.group(1)] = (float(m.group(2)), float(m.group(3)))
+    assert set(rows) == {"a", "b", "c", "d"}, out
+    for ms, ratio in rows.values():
+        assert ms > 0 and ratio > 0
+    assert rows["a"][1] == 1.0
+    for key, (ms, ratio) in rows.items():
+        assert abs(ratio - ms / rows["a"][0]) < 0.02 * ratio + 0.01
+
+
+def test_synthetic_input_when_no_data(tmp_path):
+    bench = load_bench()
+    img, source = bench.find_image(tmp_path / "nothing")
+    assert source.startswith("synthetic") and img.ndim == 2 and img.dtype.name == "uint8"

@@ -1,0 +1,160 @@
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import make_image_folder, shared_data_or_skip
+from deepcovid.checkpoint import load_checkpoint, read_checkpoint
+from deepcovid.cli import main
+from deepcovid.errors import ConfigError
+from deepcovid.training import fit, parse_grid, resolve_config, run_many, write_leaderboard
+
+FAST = {"arch": "efficientnet_lite0", "weights": "imagenet", "input_size": 32, "batch_size": 8, "epochs": 2,
+        "val_fraction": 0.25, "cache": "memory", "patience": 0, "freeze": "none", "lr": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    make_image_folder(root / "train", {"NORMAL": 16, "PNEUMONIA": 16}, size=48)
+    make_image_folder(root / "test", {"NORMAL": 4, "PNEUMONIA": 4}, size=48, seed=7)
+    return root
+
+
+def test_cli_train_writes_a_complete_run_folder(dataset, tmp_path):
+    out = tmp_path / "ck"
+    rc = main(["train", "--data", str(dataset), "--arch", "efficientnet_lite0", "--epochs", "2", "--input-size", "32",
+               "--batch-size", "8", "--val-fraction", "0.25", "--cache", "memory", "--output", str(out),
+               "--run-name", "r1", "--lr", "1e-3", "--freeze", "2"])
+    assert rc == 0
+    run = out / "r1"
+    for f in ("best.safetensors", "best.json", "last.safetensors", "last.json", "history.csv", "config.json",
+              "curves.png", "roc_val.png", "confusion_val.png", "test_metrics.json", "train.log"):
+        assert (run / f).is_file(), f
+    rows = list(csv.DictReader((run / "history.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    for col in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "val_precision", "val_recall", "val_f1", "val_auc"):
+        float(rows[0][col])
+    meta = json.loads((run / "best.json").read_text())
+    assert meta["data"]["train_counts"] == {"NORMAL": 12, "PNEUMONIA": 12}
+    assert 0 < meta["threshold"] < 1 and meta["input_size"] == 32
+    # test/ is a report, evaluated once with the stored threshold
+    tm = json.loads((run / "test_metrics.json").read_text())
+    assert tm["threshold"] == meta["threshold"] and tm["tp"] + tm["tn"] + tm["fp"] + tm["fn"] == 8
+    # the best checkpoint is the best validation F1 of the history (ties: lower loss)
+    best_f1 = max(float(r["val_f1_at_threshold"]) for r in rows)
+    assert meta["val_metrics"]["f1"] == pytest.approx(best_f1, abs=1e-5)
+    assert load_checkpoint("best", out).meta["run"] == run.name
+
+
+def test_interrupted_run_resumes_at_the_next_epoch(dataset, tmp_path, monkeypatch):
+    import deepcovid.training as tr
+
+    real = tr.train_one_epoch
+    calls = []
+
+    def interrupt_in_epoch_2(*a, **k):
+        calls.append(k["epoch"])
+        if k["epoch"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr, "train_one_epoch", interrupt_in_epoch_2)
+    cfg = resolve_config({**FAST, "epochs": 3})
+    res = fit({**cfg, "run_name": "resumable"}, dataset, tmp_path)
+    assert res.interrupted and calls == [1, 2]
+    last = read_checkpoint(tmp_path / "resumable" / "last.safetensors")
+    assert last.meta["epoch"] == 1 and "optimizer" in last.meta and any(k.startswith("optim.") for k in last.extra)
+
+    monkeypatch.setattr(tr, "train_one_epoch", real)
+    seen = []
+    monkeypatch.setattr(tr, "train_one_epoch", lambda *a, **k: (seen.append(k["epoch"]), real(*a, **k))[1])
+    res2 = fit({"_epochs_explicit": False}, None, tmp_path, resume=tmp_path / "resumable")
+    assert seen == [2, 3] and not res2.interrupted
+    rows = list(csv.DictReader((tmp_path / "resumable" / "history.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+
+
+def test_grid_picks_the_better_trial(dataset, tmp_path):
+    trials = parse_grid("lr=0,3e-3")
+    assert trials == [{"lr": 0.0}, {"lr": 3e-3}]
+    cfg = resolve_config({**FAST, "epochs": 3, "freeze": "backbone"})
+    results = run_many({**cfg, "run_name": "g"}, dataset, tmp_path, [{**t, "arch": "efficientnet_lite0"} for t in trials])
+    rows = write_leaderboard(tmp_path, results)
+    assert len(rows) == 2 and (tmp_path / "leaderboard.csv").is_file() and (tmp_path / "leaderboard.md").is_file()
+    f1 = {r["lr"]: r["f1"] for r in rows}
+    assert rows[0]["f1"] >= rows[1]["f1"]
+    # a learning rate of 0 cannot learn; the trained trial wins
+    assert rows[0]["lr"] == 3e-3 and f1[3e-3] > f1[0.0]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--optimizer", "rmsprop"], "unknown --optimizer"),
+    (["--arch", "vgg"], "unknown arch"),
+    (["--freeze", "half"], "--freeze"),
+    (["--device", "tpu"], "unknown --device"),
+    (["--epochs", "0"], "positive integer"),
+    (["--augment", "zoom=1"], "unknown augmentation"),
+    (["--grid", "lr"], "KEY=V1,V2"),
+    (["--preset", "magic"], "unknown --preset"),
+])
+def test_bad_flags_give_clear_errors(dataset, tmp_path, capsys, argv, message):
+    rc = main(["train", "--data", str(dataset), "--output", str(tmp_path), *argv])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_data_stops_before_training(tmp_path, capsys):
+    (tmp_path / "d" / "train" / "NORMAL").mkdir(parents=True)
+    make_image_folder(tmp_path / "d" / "train", {"PNEUMONIA": 4}, size=16)
+    rc = main(["train", "--data", str(tmp_path / "d"), "--arch", "efficientnet_lite0", "--output", str(tmp_path / "o")])
+    assert rc == 2 and "hold no images" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_cli_writes_every_key(dataset, tmp_path, capsys):
+    cfg = resolve_config({**FAST, "epochs": 1})
+    fit({**cfg, "run_name": "ev"}, dataset, tmp_path / "ck")
+    out = tmp_path / "eval" / "m.json"
+    rc = main(["evaluate", "--checkpoint", "best", "--checkpoints-dir", str(tmp_path / "ck"),
+               "--data", str(dataset / "test"), "--json", str(out)])
+    assert rc == 0
+    m = json.loads(out.read_text())
+    for k in ("tp", "tn", "fp", "fn", "accuracy", "precision", "recall", "specificity", "f1", "auc", "threshold"):
+        assert k in m
+    assert m["tp"] + m["tn"] + m["fp"] + m["fn"] == 8 and m["at_0.5"]["threshold"] == 0.5
+    assert (out.parent / "roc_eval.png").is_file()
+    assert "stored threshold" in capsys.readouterr().out
+
+
+def test_resolve_config_precedence():
+    from deepcovid.training import PRESETS
+
+    PRESETS["_t"] = {"lr": 5e-4, "epochs": 7}
+    try:
+        cfg = resolve_config({"epochs": 3}, "_t")
+        assert cfg["lr"] == 5e-4 and cfg["epochs"] == 3 and cfg["batch_size"] == 16
+    finally:
+        del PRESETS["_t"]
+    with pytest.raises(ConfigError):
+        resolve_config({"lr": -1})
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_short_real_run_writes_a_loadable_best_checkpoint(tmp_path):
+    root = shared_data_or_skip()
+    cfg = resolve_config({"arch": "efficientnet_lite0", "weights": "imagenet", "epochs": 1, "input_size": 64,
+                          "max_train_batches": 10, "batch_size": 16, "cache": "disk", "cache_dir": str(tmp_path / "cache")})
+    from deepcovid.data import load_splits
+
+    splits = load_splits(root, val_fraction=0.1, seed=0)
+    splits.test = None  # keep the test short; the full run reports test/
+    splits.val = splits.val[::4]
+    res = fit({**cfg, "run_name": "real"}, root, tmp_path, splits=splits)
+    ck = load_checkpoint(res.run_dir)
+    model = ck.build_model()
+    assert ck.meta["data"]["train_counts"]["NORMAL"] + ck.meta["data"]["val_counts"]["NORMAL"] < 1341
+    assert model.num_outputs == 1 and 0 <= ck.meta["val_metrics"]["f1"] <= 1
