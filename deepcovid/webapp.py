@@ -508,7 +508,7 @@ def model_card_markdown(entry: dict) -> str:
         rows.append(("Decision threshold", f"{float(thr):.3f} on p({pos})"))
     elif len(classes) > 2:
         rows.append(("Decision", "highest probability"))
-    out = ["### Model card", "", "| | |", "|---|---|"]
+    out = ["### Model card", "", "| property | value |", "|---|---|"]
     out += [f"| {_md_escape(k)} | {_md_escape(v)} |" for k, v in rows]
 
     data = entry.get("data") or {}
@@ -525,11 +525,16 @@ def model_card_markdown(entry: dict) -> str:
 
     vm = entry.get("val_metrics") or {}
     if vm:
-        order = ["accuracy", "precision", "recall", "specificity", "f1", "auc", "loss", "tp", "fn", "fp", "tn"]
-        keys = [k for k in order if k in vm] + sorted(k for k in vm if k not in order)
-        out += ["", "**Validation metrics**" + (f" (at threshold {float(thr):.3f})" if thr is not None and pos else ""),
-                "", "| metric | value |", "|---|---:|"]
-        out += [f"| {_md_escape(k)} | {_fmt_metric(vm[k])} |" for k in keys]
+        scores = [k for k in ("accuracy", "precision", "recall", "specificity", "f1", "auc", "loss") if k in vm]
+        counts = [k for k in ("tp", "fn", "fp", "tn") if k in vm]
+        rest = sorted(k for k in vm if k not in scores and k not in counts)
+        keys = scores + rest
+        out += ["", "**Validation metrics**" + (f" (at threshold {float(thr):.3f})" if thr is not None and pos else ""), ""]
+        if keys:
+            out += ["| " + " | ".join(_md_escape(k) for k in keys) + " |", "|" + "---:|" * len(keys),
+                    "| " + " | ".join(_fmt_metric(vm[k]) for k in keys) + " |"]
+        if counts:
+            out += ["", "Confusion counts: " + ", ".join(f"{k.upper()} {_fmt_metric(vm[k])}" for k in counts)]
     return "\n".join(out)
 
 
@@ -544,6 +549,25 @@ def find_roc_png(run_dir) -> Path | None:
         return first
     found = sorted(p for p in d.glob("*.png") if "roc" in p.name.lower())
     return found[0] if found else None
+
+
+def as_png_image(arr, what: str = "image"):
+    """A numpy image -> PIL image carrying PNG text metadata: a disclaimer and a per-response id.
+
+    Gradio writes each returned image to its cache under a hash of the encoded bytes and does not
+    write atomically, so two requests returning the *same* pixels at the same moment (two users,
+    the same example) would overwrite a file while it is being downloaded. The unique id makes
+    every response's file distinct; the pixels are untouched."""
+    import uuid
+
+    from PIL import Image
+
+    if arr is None:
+        return None
+    im = Image.fromarray(arr)
+    im.info["Comment"] = f"deepcovid {what} - research use only, not a medical device"
+    im.info["deepcovid-id"] = uuid.uuid4().hex
+    return im
 
 
 def _read_png(path: Path):
@@ -577,7 +601,9 @@ def build_demo(predictor=None, *, checkpoints_dir="checkpoints", checkpoint="bes
                concurrency: int = DEFAULT_CONCURRENCY, registry: ModelRegistry | None = None):
     """The Gradio page. ``predictor``: an already loaded Predictor to preselect (optional);
     otherwise ``checkpoint`` is resolved under ``checkpoints_dir`` (CheckpointError when none)."""
-    prepare_environment()
+    created = prepare_environment()
+    if created:  # embedded use (not `run`): remove the cache folder when the process ends
+        atexit.register(shutil.rmtree, created, True)
     import gradio as gr
     import numpy as np
 
@@ -637,8 +663,9 @@ def build_demo(predictor=None, *, checkpoints_dir="checkpoints", checkpoint="bes
             log.exception("analysis failed")
             raise gr.Error("unexpected error while analysing the image (see the server log)",
                            print_exception=False) from None
-        gallery = [(grid, f"activations: {name}") for name, grid in exp.activations]
-        return (result_markdown(exp), dict(exp.probabilities), exp.overlay, exp.heatmap,
+        gallery = [(as_png_image(grid, f"activation maps of {name}"), name) for name, grid in exp.activations]
+        return (result_markdown(exp), dict(exp.probabilities), as_png_image(exp.overlay, "Grad-CAM overlay"),
+                as_png_image(exp.heatmap, "heat map"),
                 gr.update(value=gallery, visible=bool(activations)))
 
     def api_predict(file, cam_method, target_class):
@@ -651,7 +678,7 @@ def build_demo(predictor=None, *, checkpoints_dir="checkpoints", checkpoint="bes
             log.exception("analysis failed")
             raise gr.Error("unexpected error while analysing the image (see the server log)",
                            print_exception=False) from None
-        return exp.label, dict(exp.probabilities), exp.threshold, exp.overlay
+        return exp.label, dict(exp.probabilities), exp.threshold, as_png_image(exp.overlay, "Grad-CAM overlay")
 
     def preview(file_path):
         if not file_path:
@@ -671,7 +698,7 @@ def build_demo(predictor=None, *, checkpoints_dir="checkpoints", checkpoint="bes
         info = f"{_md_escape(name)}: {image.source_format}, {image.bit_depth}-bit, {w}×{h} px"
         if image.notes:
             info += " — " + "; ".join(_md_escape(n) for n in image.notes)
-        return image.to_uint8_rgb(), info
+        return as_png_image(image.to_uint8_rgb(), "preview"), info
 
     def on_model_change(model_path):
         try:
@@ -680,7 +707,7 @@ def build_demo(predictor=None, *, checkpoints_dir="checkpoints", checkpoint="bes
             raise _user_error(exc) from None
         classes = list(entry.get("classes") or [])
         roc = find_roc_png(entry.get("run_dir"))
-        roc_img = _read_png(roc) if roc else None
+        roc_img = as_png_image(_read_png(roc), "ROC plot") if roc else None
         return (gr.update(choices=[PREDICTED] + classes, value=PREDICTED), model_card_markdown(entry),
                 gr.update(value=roc_img, visible=roc_img is not None))
 
@@ -731,12 +758,15 @@ def build_demo(predictor=None, *, checkpoints_dir="checkpoints", checkpoint="bes
                                            buttons=["download", "fullscreen"])
                     heatmap_out = gr.Image(label="Heat map", type="numpy", format="png", interactive=False,
                                            elem_id="dc-heatmap", height=360, buttons=["download", "fullscreen"])
-                gallery_out = gr.Gallery(label="Activation maps", columns=2, height="auto", visible=False,
-                                         format="png", elem_id="dc-activations")
+                gallery_out = gr.Gallery(label="Activation maps (most active channels per layer)", columns=3,
+                                         height=300, object_fit="contain", visible=False, format="png",
+                                         buttons=["download", "fullscreen"],
+                                         elem_id="dc-activations")
                 with gr.Accordion("Model card", open=False, elem_id="dc-model-card"):
                     card_md = gr.Markdown(model_card_markdown(default_entry))
                     roc_out = gr.Image(value=roc0_img, label="ROC (validation)", type="numpy", interactive=False,
-                                       visible=roc0_img is not None, format="png", height=320)
+                                       visible=roc0_img is not None, format="png", height=320,
+                                       buttons=["download", "fullscreen"])
 
         # API-only components (not shown): POST /predict
         with gr.Column(visible=False):
@@ -747,7 +777,7 @@ def build_demo(predictor=None, *, checkpoints_dir="checkpoints", checkpoint="bes
             api_label = gr.Textbox(label="label")
             api_probs = gr.JSON(label="probabilities")
             api_threshold = gr.Number(label="threshold")
-            api_overlay = gr.Image(label="overlay", type="numpy", format="png")
+            api_overlay = gr.Image(label="overlay", type="numpy", format="png", buttons=[])
             api_btn = gr.Button("predict")
 
         file_in.change(preview, inputs=file_in, outputs=[preview_img, preview_info], api_visibility="private",
@@ -804,7 +834,14 @@ def run(args: argparse.Namespace) -> int:
               f"{len(registry.entries)} model(s) offered. {DISCLAIMER}")
         kw = launch_kwargs(args, logins)
         kw["max_file_size"] = max_size
-        demo.launch(**kw)
+        demo.launch(prevent_thread_lock=True, quiet=True, **kw)
+        print(f"deepcovid: open {demo.local_url} in a browser"
+              + (f" (public link: {demo.share_url})" if getattr(demo, "share_url", None) else "")
+              + (" — login required" if logins else "") + ". Press Ctrl+C to stop.")
+        try:
+            demo.block_thread()
+        finally:
+            demo.close()
         return 0
     finally:
         if created:

@@ -134,6 +134,13 @@ def test_predict_matches_predictor(served, files, tmp_path):
         overlay = assert_same(api_predict(c, path), served.predictor.predict(path))
         with Image.open(overlay) as im:
             assert im.format == "PNG" and im.size == (64, 64) and im.mode == "RGB"
+            assert "research use only" in im.info["Comment"]
+    # identical requests get distinct output files (Gradio names cached outputs by content hash and
+    # does not write them atomically; see webapp.as_png_image)
+    a, b = (api_predict(c, files.jpegs[0])[3] for _ in range(2))
+    with Image.open(a) as ia, Image.open(b) as ib:
+        assert ia.info["deepcovid-id"] != ib.info["deepcovid-id"]
+        assert np.array_equal(np.asarray(ia), np.asarray(ib))
 
 
 def test_dicom_and_16bit_png(served, files, tmp_path):
@@ -285,7 +292,8 @@ def test_model_selector_card_and_decision_text(served):
     assert registry.loaded() == [registry.default_path]  # the other model is loaded only when picked
     card = model_card_markdown(registry.entry(None))
     for text in ("efficientnet_lite0", "Decision threshold", "0.500", "Training data", "| NORMAL | 10 | 2 |",
-                 "Validation metrics", "| f1 | 0.800 |", "| auc | 1.000 |"):
+                 "Validation metrics", "| accuracy | precision | recall | specificity | f1 | auc | loss |",
+                 "| 1.000 | 1.000 | 1.000 | 1.000 | 0.800 | 1.000 | 0.500 |", "TP 1, FN 0, FP 0, TN 1"):
         assert text in card
     assert find_roc_png(served.best.parent) == served.best.parent / "roc_val.png"
     assert find_roc_png(served.ckdir / "other-run") is None
@@ -419,3 +427,33 @@ def test_importing_app_loads_nothing_heavy(tmp_path):
     r = _run_py(["-c", code], cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
+
+
+def test_models_are_loaded_lazily_once_per_path(served):
+    from deepcovid.webapp import ModelRegistry
+
+    reg = ModelRegistry.from_dir(served.ckdir, "best")
+    assert reg.loaded() == []
+    other = next(path for _, path in reg.choices() if "other-run" in path)
+    got: list = []
+    threads = [threading.Thread(target=lambda: got.append(reg.get(other))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(p) for p in got}) == 1 and reg.loaded() == [other]
+    assert got[0].threshold == pytest.approx(0.3)
+    from deepcovid.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        reg.get("/etc/passwd")  # only listed checkpoints can be picked
+
+
+def test_bad_max_file_size_is_a_config_error():
+    from deepcovid.errors import ConfigError
+    from deepcovid.webapp import parse_file_size
+
+    assert parse_file_size("500kb") == 500 * 1024 and parse_file_size("1GB") == 1024 ** 3
+    for bad in ("", "50 parsecs", "-1mb", "0mb"):
+        with pytest.raises(ConfigError):
+            parse_file_size(bad)

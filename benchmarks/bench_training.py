@@ -1,0 +1,185 @@
+"""Training-side speed benchmarks, each a ratio against its own baseline measured in the same run.
+
+1. Decoded-image cache: data-pipeline images/s (decode + resize + Table-1 augmentation +
+   normalise) from the memory-mapped uint8 cache, against decoding the JPEG every time.
+   Measured on the shared 224 px JPEGs and on copies re-encoded at 1024 px (the original
+   Kermany release has grayscale JPEGs of about 1000-2900 px; real data looks like that).
+2. Frozen-backbone feature cache: wall time of a head-only run with cached features against
+   the same run computing the backbone every epoch, and their validation metrics side by side.
+3. Scaling: seconds per training epoch at 1x, 2x and 4x a base subset (by repetition) and at
+   several input sizes.
+
+    python benchmarks/bench_training.py            # full mode (minutes on a 2-core CPU)
+    python benchmarks/bench_training.py --quick    # CI mode (seconds, synthetic data)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED = REPO.parent / "shared" / "data" / "chest_xray"
+
+
+def _samples(root: Path, n: int, seed: int = 0):
+    from deepcovid.data import discover
+
+    _, samples = discover(root)
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(samples), size=min(n, len(samples)), replace=False)
+    return [samples[i] for i in sorted(idx)]
+
+
+def _synthetic_root(tmp: Path, n: int, size: int) -> Path:
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import make_image_folder
+
+    make_image_folder(tmp / "train", {"NORMAL": n // 2, "PNEUMONIA": n - n // 2}, size=size)
+    return tmp / "train"
+
+
+def _reencode(samples, out: Path, size: int):
+    """Copies of the images as grayscale JPEGs of ``size`` px, like the original release."""
+    from PIL import Image
+
+    from deepcovid.data import Sample
+
+    out.mkdir(parents=True, exist_ok=True)
+    res = []
+    for i, s in enumerate(samples):
+        p = out / f"{i:05d}_{Path(s.path).name}"
+        Image.open(s.path).convert("L").resize((size, size), Image.BICUBIC).save(p, quality=90)
+        res.append(Sample(str(p), s.label, s.patient))
+    return res
+
+
+def bench_pipeline(samples, size: int, cache_dir: Path, passes: int) -> dict:
+    from deepcovid.data import DecodedImages, XRayDataset
+    from deepcovid.transforms import AugmentConfig, build_augment
+
+    aug = build_augment(AugmentConfig(), size)
+    out = {}
+    for mode in ("off", "disk"):
+        t0 = time.perf_counter()
+        images = DecodedImages(samples, size, mode, cache_dir=cache_dir)
+        setup = time.perf_counter() - t0
+        ds = XRayDataset(images, (0.5,) * 3, (0.5,) * 3, "rgb", aug)
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        for _ in range(passes):
+            for i in range(len(ds)):
+                ds[i]
+        dt = time.perf_counter() - t0
+        out[mode] = {"img_per_s": passes * len(ds) / dt, "setup_s": setup}
+    return out
+
+
+def bench_feature_cache(root: Path, size: int, epochs: int, arch: str, max_images: int | None) -> dict:
+    from deepcovid.data import load_splits
+    from deepcovid.training import fit, resolve_config
+
+    splits = load_splits(root.parent if root.name == "train" else root, val_fraction=0.1, seed=0)
+    if max_images:
+        rng = np.random.default_rng(0)
+        splits.train = [splits.train[i] for i in sorted(rng.choice(len(splits.train), min(max_images, len(splits.train)), replace=False))]
+        splits.val = splits.val[: max(20, max_images // 8)]
+    splits.test = None
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for cached in (False, True):
+            cfg = resolve_config({"arch": arch, "weights": "imagenet", "freeze": "backbone", "epochs": epochs,
+                                  "input_size": size, "no_augment": True, "patience": 0, "cache": "memory",
+                                  "feature_cache": cached, "lr": 1e-3})
+            t0 = time.perf_counter()
+            res = fit({**cfg, "run_name": f"fc{int(cached)}"}, splits.root, Path(tmp), splits=splits)
+            out["cached" if cached else "uncached"] = {"seconds": time.perf_counter() - t0, **res.val_metrics}
+    return out
+
+
+def bench_scaling(samples, sizes: list[int], reps: list[int], arch: str, batch: int) -> list[dict]:
+    from torch.utils.data import ConcatDataset, DataLoader
+
+    from deepcovid.data import DecodedImages, XRayDataset
+    from deepcovid.models import build_model
+    from deepcovid.training import make_criterion, train_one_epoch
+    from deepcovid.transforms import AugmentConfig, build_augment
+
+    rows = []
+    dev = torch.device("cpu")
+    for size in sizes:
+        images = DecodedImages(samples, size, "memory")
+        ds = XRayDataset(images, (0.5,) * 3, (0.5,) * 3, "rgb", build_augment(AugmentConfig(), size))
+        for r in reps:
+            torch.manual_seed(0)
+            model = build_model(arch, 2, weights="none", freeze="none")
+            opt = torch.optim.Adam(model.parameters(), 1e-4)
+            loader = DataLoader(ConcatDataset([ds] * r), batch_size=batch, shuffle=True)
+            crit = make_criterion(2, [1, 1], "none", 0.0)
+            t0 = time.perf_counter()
+            train_one_epoch(model, loader, crit, opt, dev, epoch=1)
+            dt = time.perf_counter() - t0
+            rows.append({"size": size, "images": len(ds) * r, "seconds": dt, "img_per_s": len(ds) * r / dt})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CI mode: synthetic data, seconds")
+    p.add_argument("--pipeline-images", type=int, default=400)
+    p.add_argument("--feature-epochs", type=int, default=20)
+    p.add_argument("--feature-images", type=int, default=None, help="subset of train/ for the feature-cache run (default: all)")
+    p.add_argument("--scaling-base", type=int, default=128, help="images in the 1x set of the scaling benchmark")
+    p.add_argument("--arch", default="efficientnet_lite0")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.quick or not (SHARED / "train").is_dir():
+            train_root = _synthetic_root(tmp / "syn", 32 if args.quick else 400, 224)
+            n_pipe, big, fe_epochs, fe_images, base, sizes = 12, 512, 2, None, 8, [32, 48]
+            fe_size, reps = 32, [1, 2]
+        else:
+            train_root = SHARED / "train"
+            n_pipe, big, fe_epochs, fe_images, base, sizes = (args.pipeline_images, 1024, args.feature_epochs,
+                                                              args.feature_images, args.scaling_base, [160, 224, 299])
+            fe_size, reps = 224, [1, 2, 4]
+        print(f"# deepcovid training benchmarks ({'quick' if args.quick else 'full'}; torch {torch.__version__}, "
+              f"{torch.get_num_threads()} CPU threads, {os.cpu_count()} cores)\n")
+
+        samples = _samples(train_root, n_pipe)
+        print("## 1. decoded-image cache (decode + resize + augment + normalise, images/s)\n")
+        print("| source | JPEG decoded every time | memory-mapped cache | ratio | cache build (s) |\n|---|---|---|---|---|")
+        for label, smp in (("shared 224 px JPEG", samples), (f"{big} px grayscale JPEG", _reencode(samples, tmp / "big", big))):
+            r = bench_pipeline(smp, 224, tmp / "cache", passes=2)
+            print(f"| {label} | {r['off']['img_per_s']:.0f} | {r['disk']['img_per_s']:.0f} | "
+                  f"{r['disk']['img_per_s'] / r['off']['img_per_s']:.2f}x | {r['disk']['setup_s']:.1f} |")
+
+        print(f"\n## 2. frozen-backbone feature cache ({args.arch}, {fe_epochs} head-only epochs, {fe_size} px, no augmentation)\n")
+        r = bench_feature_cache(train_root, fe_size, fe_epochs, args.arch, fe_images)
+        print("| path | seconds | val F1 | val AUC | val loss |\n|---|---|---|---|---|")
+        for k in ("uncached", "cached"):
+            print(f"| {k} | {r[k]['seconds']:.1f} | {r[k]['f1']:.4f} | {r[k]['auc']:.4f} | {r[k]['loss']:.4f} |")
+        print(f"\nspeed-up: {r['uncached']['seconds'] / r['cached']['seconds']:.1f}x")
+
+        print(f"\n## 3. scaling (full fine-tune of {args.arch}, seconds per epoch)\n")
+        rows = bench_scaling(_samples(train_root, base), sizes, reps, args.arch, 8 if args.quick else 16)
+        print("| input | images | seconds | images/s | s per 1x |\n|---|---|---|---|---|")
+        for row in rows:
+            one_x = next(x for x in rows if x["size"] == row["size"])
+            print(f"| {row['size']} | {row['images']} | {row['seconds']:.1f} | {row['img_per_s']:.1f} | "
+                  f"{row['seconds'] / (row['images'] / one_x['images']):.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_training_benchmarks_run_in_quick_mode(capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_training
+
+    assert bench_training.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    for heading in ("decoded-image cache", "feature cache", "scaling"):
+        assert heading in out
+    ratios = [float(x) for x in re.findall(r"\| ([0-9.]+)x \|", out)]
+    assert len(ratios) == 2 and all(r > 0 for r in ratios)
+    speedup = float(re.search(r"speed-up: ([0-9.]+)x", out).group(1))
+    assert speedup > 0
+    # the cached and uncached head-only runs agree (seeded, no augmentation)
+    f1s = re.findall(r"\| (?:uncached|cached) \| [0-9.]+ \| ([0-9.]+) \|", out)
+    assert len(f1s) == 2 and f1s[0] == f1s[1]
