@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .progress import progress
 from .errors import ConfigError, DataError, InvalidImageError
 
 log = logging.getLogger("deepcovid")
@@ -212,9 +213,8 @@ def default_cache_dir() -> Path:
 
 def _decode_all(samples: list[Sample], size: int, out: np.ndarray, desc: str, workers: int) -> list[int]:
     """Decode every sample into ``out``; return indices of unreadable files (reported by path)."""
-    from tqdm.auto import tqdm
-
     bad: list[int] = []
+    log.info("%s: %d images at %d px (once; later runs reuse the cache)", desc, len(samples), size)
 
     def work(i: int):
         try:
@@ -225,8 +225,8 @@ def _decode_all(samples: list[Sample], size: int, out: np.ndarray, desc: str, wo
 
     # Threads, not processes: PIL and OpenCV release the GIL while decoding and resizing.
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for res in tqdm(pool.map(work, range(len(samples))), total=len(samples), desc=desc, unit="img",
-                        leave=False, disable=None):
+        for res in progress(pool.map(work, range(len(samples))), total=len(samples), desc=desc, unit="img",
+                        leave=False):
             if res is not None:
                 i, msg = res
                 bad.append(i)

@@ -16,13 +16,31 @@ activation maps - all from ONE forward and ONE backward:
 Hooks are only ever registered inside ``with`` blocks, and every model call runs under one
 lock, so concurrent ``predict``/``explain`` calls from several threads never see each other's
 hooks or gradients.
+
+Speed options (``Predictor(..., precision=..., backend=...)``, CLI ``--precision``/``--backend``):
+
+* the model and its inputs are always ``channels_last`` on CPU and CUDA (oneDNN's fast layout;
+  the same numbers as NCHW to float rounding);
+* ``precision``: ``"auto"`` (default: float32 on CPU/MPS, autocast on CUDA as before),
+  ``"fp32"`` (never autocast) or ``"bf16"`` (``torch.autocast`` to bfloat16, CPU or CUDA;
+  probabilities within ~1e-2 of fp32). Applies to ``predict`` and ``explain``; the CAM itself is
+  always computed in float32 (``cam.GraphCut`` hands grad-cam a float32 leaf);
+* ``backend``: ``"eager"`` (default), ``"compile"`` (``torch.compile`` with inductor freezing,
+  compiled once at construction: tens of seconds, needs a C++ compiler) or ``"onnx"`` (the eval
+  model exported to ONNX and run by an onnxruntime CPU session; fp32 and CPU only). Backends
+  only change ``predict``/``predict_batch``/``predict_tensor``: ``explain`` needs hooks and
+  autograd and always runs the eager model.
+
+See ``benchmarks/bench_inference.py`` for the measured speed and agreement of each variant.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,8 +54,12 @@ from .errors import ConfigError
 
 __all__ = [
     "CAM_METHODS", "SLOW_CAM_METHODS", "SLOW_CAM_MESSAGE", "Prediction", "Explanation", "Predictor",
-    "PreparedImage", "available_threads", "resolve_device",
+    "PreparedImage", "available_threads", "resolve_device", "PRECISIONS", "BACKENDS", "check_precision",
+    "check_backend",
 ]
+
+PRECISIONS = ("auto", "fp32", "bf16")
+BACKENDS = ("eager", "compile", "onnx")
 
 
 @dataclass
@@ -114,14 +136,49 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def check_precision(precision: str) -> str:
+    key = str(precision).strip().lower()
+    if key not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose from: {', '.join(PRECISIONS)}")
+    return key
+
+
+def check_backend(backend: str) -> str:
+    key = str(backend).strip().lower()
+    if key not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose from: {', '.join(BACKENDS)}")
+    return key
+
+
+def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None: plain float32)."""
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    # bf16
+    if device.type == "cpu":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    raise ConfigError(f"precision 'bf16' is not supported on device {device}; use precision 'auto' or 'fp32'")
+
+
 class Predictor:
     """A model plus its checkpoint metadata, ready to predict and explain single images."""
 
     def __init__(self, model: torch.nn.Module, meta: dict, *, device: str | torch.device = "auto",
                  path: str | os.PathLike | None = None, num_threads: int | None = None,
-                 cam_layers: Sequence[str] | None = None):
-        """``cam_layers``: dotted backbone layer names to explain (default: the registry's)."""
+                 cam_layers: Sequence[str] | None = None, precision: str = "auto", backend: str = "eager"):
+        """``cam_layers``: dotted backbone layer names to explain (default: the registry's).
+        ``precision``: one of :data:`PRECISIONS`; ``backend``: one of :data:`BACKENDS` (see the
+        module docstring)."""
         from .models import get_spec
+
+        self.precision = check_precision(precision)
+        self.backend = check_backend(backend)
 
         self.meta = dict(meta)
         self.classes: list[str] = list(meta["classes"])
@@ -156,12 +213,18 @@ class Predictor:
         }
 
         self.device = resolve_device(device)
+        self.amp_dtype = _amp_dtype(self.precision, self.device)
+        if self.backend == "onnx" and (self.device.type != "cpu" or self.amp_dtype is not None):
+            raise ConfigError("backend 'onnx' runs float32 on the CPU only; use device 'cpu' with precision "
+                              "'auto' or 'fp32', or another backend")
         if self.device.type == "cpu":
             free = available_threads()
             torch.set_num_threads(max(1, min(int(num_threads or free), free)))
         model = model.eval()
         model.requires_grad_(False)  # inference never needs parameter gradients (see GraphCut)
-        if self.device.type == "cuda":
+        # channels_last: oneDNN's (and cuDNN's) fast convolution layout; same numbers as NCHW.
+        self.channels_last = self.device.type in ("cpu", "cuda")
+        if self.channels_last:
             model = model.to(self.device, memory_format=torch.channels_last)
         else:
             model = model.to(self.device)
@@ -170,19 +233,67 @@ class Predictor:
         self.cam_layer_names: tuple[str, ...] = tuple(cam_layers or self.spec.cam_layers)
         self.activation_layer_names: tuple[str, ...] = tuple(self.spec.activation_layers)
         self._cam_layers = [camlib.resolve_layer(self.model.backbone, n) for n in self.cam_layer_names]
+        self._compiled = None
+        self._onnx = None
+        if self.backend == "compile":
+            self._build_compiled()
+        elif self.backend == "onnx":
+            self._build_onnx()
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, spec: str | os.PathLike = "best", checkpoints_dir: str | os.PathLike = "checkpoints",
                         device: str | torch.device = "auto", num_threads: int | None = None,
-                        cam_layers: Sequence[str] | None = None) -> "Predictor":
-        """``spec``: a .safetensors file, a run folder, or 'best' (highest val F1 under ``checkpoints_dir``)."""
+                        cam_layers: Sequence[str] | None = None, precision: str = "auto",
+                        backend: str = "eager") -> "Predictor":
+        """``spec``: a .safetensors file, a run folder, or 'best' (highest val F1 under ``checkpoints_dir``).
+        ``precision`` (:data:`PRECISIONS`) and ``backend`` (:data:`BACKENDS`): see the module docstring."""
         from .checkpoint import load_checkpoint
 
+        check_precision(precision)  # bad flags fail before the checkpoint is read
+        check_backend(backend)
         loaded = load_checkpoint(spec, checkpoints_dir)
         model = loaded.build_model()
         return cls(model, loaded.meta, device=device, path=loaded.path, num_threads=num_threads,
-                   cam_layers=cam_layers)
+                   cam_layers=cam_layers, precision=precision, backend=backend)
+
+    # --- fast predict backends --------------------------------------------------------------
+    def _example_input(self, batch: int = 1) -> torch.Tensor:
+        return torch.zeros(batch, 3, self.input_size, self.input_size)
+
+    def _build_compiled(self) -> None:
+        """``torch.compile`` (inductor, weights frozen into the graph), compiled now on a dummy
+        batch so that a missing compiler fails here, not on the first image."""
+        try:
+            self._compiled = torch.compile(self.model, options={"freezing": True})
+            self.predict_tensor(self._example_input())
+        except Exception as exc:
+            self._compiled = None
+            raise ConfigError(f"backend 'compile' failed ({type(exc).__name__}: {str(exc).strip()[:300]}); "
+                              "use backend 'eager' or 'onnx'") from exc
+
+    def _build_onnx(self) -> None:
+        """Export the eval model (fp32, dynamic batch) to ONNX in memory; one onnxruntime CPU session."""
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise ConfigError("backend 'onnx' needs the onnxruntime package (pip install onnxruntime onnx); "
+                              "or use backend 'eager'") from exc
+        buf = io.BytesIO()
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(self.model, (self._example_input(),), buf, dynamo=False,
+                                  input_names=["input"], output_names=["logits"],
+                                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        except Exception as exc:
+            raise ConfigError(f"backend 'onnx': exporting {self.arch} failed ({type(exc).__name__}: "
+                              f"{str(exc).strip()[:300]}); use backend 'eager'") from exc
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._onnx = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
 
     # --- preprocessing --------------------------------------------------------------------
     def prepare(self, image) -> PreparedImage:
@@ -208,14 +319,13 @@ class Predictor:
 
     # --- helpers ----------------------------------------------------------------------------
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
-            return x.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        if self.channels_last:
+            return x.to(self.device, non_blocking=self.device.type == "cuda", memory_format=torch.channels_last)
         return x.to(self.device)
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
+        if self.amp_dtype is not None:
+            return torch.autocast(self.device.type, dtype=self.amp_dtype)
         return contextlib.nullcontext()
 
     def _probabilities(self, logits: torch.Tensor) -> np.ndarray:
@@ -256,9 +366,15 @@ class Predictor:
 
     # --- the fast path ----------------------------------------------------------------------
     def predict_tensor(self, x: torch.Tensor) -> np.ndarray:
-        """(B, 3, S, S) inputs -> (B, K) probabilities, in inference mode."""
-        with self._lock, torch.inference_mode(), self._autocast():
-            logits = self.model(self._to_device(x))
+        """(B, 3, S, S) inputs -> (B, K) probabilities, in inference mode (on ``backend``)."""
+        with self._lock:
+            if self._onnx is not None:
+                xn = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+                logits = torch.from_numpy(self._onnx.run(None, {"input": xn})[0])
+            else:
+                model = self._compiled if self._compiled is not None else self.model
+                with torch.inference_mode(), self._autocast():
+                    logits = model(self._to_device(x))
         return self._probabilities(logits)
 
     def predict(self, image) -> Prediction:

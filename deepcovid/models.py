@@ -84,7 +84,8 @@ def _timm(name: str) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import timm
 
-        return timm.create_model(name, pretrained=False, num_classes=0)
+        # drop_rate=0: timm would apply dropout to the pooled features; the paper's head has its own.
+        return timm.create_model(name, pretrained=False, num_classes=0, drop_rate=0.0)
 
     return build
 
@@ -316,6 +317,32 @@ class DeepCovidNet(nn.Module):
         feats = self.backbone(x)
         return feats[0] if isinstance(feats, tuple) else feats
 
+    def split_frozen(self, freeze) -> tuple[nn.Module, nn.Module] | None:
+        """(frozen prefix, trainable rest incl. the head) such that ``rest(prefix(x)) == self(x)``
+        in eval mode, for caching the prefix's output (the boundary activations) during training.
+
+        ``freeze='backbone'``: the prefix is the whole backbone (pooled features). ``freeze=N``
+        is supported where the backbone is a plain chain of modules (efficientnet_lite0,
+        resnet50); elsewhere, and for ``freeze='none'``, returns None (no cache).
+        """
+        mode = parse_freeze(freeze)
+        if mode == "none":
+            return None
+        if mode == "backbone":
+            return _Features(self), self.head
+        b = self.backbone
+        if self.arch == "efficientnet_lite0":
+            k = len(b.blocks) - mode + 1  # the last "block" is conv_head
+            stem, stages, tail = [b.conv_stem, b.bn1], list(b.blocks), [b.conv_head, b.bn2, b.global_pool]
+            if mode == 1:
+                return nn.Sequential(*stem, *stages), nn.Sequential(*tail, self.head)
+        elif self.arch == "resnet50":
+            k = 4 - mode
+            stem, stages, tail = [b.conv1, b.bn1, b.relu, b.maxpool], [b.layer1, b.layer2, b.layer3, b.layer4], [b.avgpool, nn.Flatten(1)]
+        else:
+            return None
+        return nn.Sequential(*stem, *stages[:k]), nn.Sequential(*stages[k:], *tail, self.head)
+
     # --- freezing -----------------------------------------------------------------------
     def set_trainable(self, freeze) -> None:
         """``freeze``: 'backbone' (head only), 'none' (all), or an int N (last N blocks + head)."""
@@ -353,6 +380,24 @@ class DeepCovidNet(nn.Module):
             for m in self._frozen:
                 m.eval()
         return self
+
+
+class _Features(nn.Module):
+    """``model.features`` as a module (the prefix when only the head trains)."""
+
+    def __init__(self, model: "DeepCovidNet"):
+        super().__init__()
+        self.model = [model]  # a list: not registered as a submodule, no duplicated parameters
+
+    def train(self, mode: bool = True):
+        # The backbone is not a registered submodule here, so pass the mode on explicitly:
+        # extracting features in train mode would use batch statistics in BatchNorm.
+        super().train(mode)
+        self.model[0].backbone.train(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model[0].features(x)
 
 
 def parse_freeze(value) -> str | int:

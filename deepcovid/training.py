@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write_text, read_checkpoint, save_checkpoint, versions
+from .progress import progress
 from .errors import ConfigError, DataError
 from .metrics import METRIC_KEYS, best_f1_threshold, compute_metrics, format_table
 
@@ -194,19 +195,17 @@ def logits_to_probs(logits: torch.Tensor) -> torch.Tensor:
 def train_one_epoch(model, loader, criterion, optimizer, device, *, epoch: int, amp=None, scaler=None,
                     max_batches: int | None = None, aux_weight: float = 0.4, desc: str = "train"):
     """One pass over ``loader``; returns (mean loss, labels, probabilities)."""
-    from tqdm.auto import tqdm
-
     model.train()
     amp = amp or nullcontext
     channels_last = device.type in ("cuda", "cpu")
     total, n = 0.0, 0
     all_probs, all_labels = [], []
     total_batches = len(loader) if max_batches is None else min(len(loader), max_batches)
-    bar = tqdm(loader, total=total_batches, desc=f"{desc} epoch {epoch}", unit="batch", leave=False, disable=None)
+    bar = progress(loader, total=total_batches, desc=f"{desc} epoch {epoch}", unit="batch", leave=False)
     for i, (x, y) in enumerate(bar):
         if max_batches is not None and i >= max_batches:
             break
-        x = x.to(device, non_blocking=True)
+        x = x.to(device, non_blocking=True).float()  # cached activations are float16
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
@@ -239,15 +238,13 @@ def train_one_epoch(model, loader, criterion, optimizer, device, *, epoch: int, 
 
 def evaluate(model, loader, criterion, device, *, amp=None, desc: str = "val"):
     """Returns (mean loss, labels, probabilities) under ``torch.inference_mode``."""
-    from tqdm.auto import tqdm
-
     model.eval()
     amp = amp or nullcontext
     total, n = 0.0, 0
     all_probs, all_labels = [], []
     with torch.inference_mode():
-        for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
-            x = x.to(device, non_blocking=True)
+        for x, y in progress(loader, desc=desc, unit="batch", leave=False):
+            x = x.to(device, non_blocking=True).float()
             if device.type in ("cuda", "cpu") and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
@@ -362,7 +359,7 @@ def _feature_key(cfg: dict, arch: str, input_size: int, data_meta: dict, aug_cfg
         w = f"{os.path.abspath(w)}:{st.st_size}:{st.st_mtime_ns}"
     if w == "none":
         return None  # random weights differ per seed; not worth caching
-    ident = json.dumps([data_meta["fingerprint"], arch, w, input_size, cfg["color_space"], aug_cfg.to_dict(),
+    ident = json.dumps([data_meta["fingerprint"], arch, str(cfg["freeze"]), w, input_size, cfg["color_space"], aug_cfg.to_dict(),
                         cfg["feature_views"], cfg["seed"], cfg["no_augment"]], sort_keys=True)
     import hashlib
 
@@ -370,32 +367,33 @@ def _feature_key(cfg: dict, arch: str, input_size: int, data_meta: dict, aug_cfg
 
 
 class FeatureCache:
-    """Pooled backbone features of every training image (``views`` augmented copies) and of the
-    validation images, for training the head alone. Optionally persisted as safetensors."""
+    """Outputs of the frozen part of the model (pooled features when only the head trains, the
+    boundary activations when the last N blocks train) for every training image (``views``
+    augmented copies) and every validation image. Activation maps are kept in float16 to halve
+    their memory; optionally persisted as safetensors."""
 
     def __init__(self, train: torch.Tensor, train_y: torch.Tensor, val: torch.Tensor, val_y: torch.Tensor):
         self.train, self.train_y, self.val, self.val_y = train, train_y, val, val_y
 
     @staticmethod
-    def _extract(model, dataset, device, amp, batch_size: int, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _extract(prefix, dataset, device, amp, batch_size: int, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
         from torch.utils.data import DataLoader
-        from tqdm.auto import tqdm
-
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
         feats, labels = [], []
-        model.eval()
+        prefix.eval()
         with torch.inference_mode():
-            for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
+            for x, y in progress(loader, desc=desc, unit="batch", leave=False):
                 x = x.to(device, non_blocking=True)
                 if device.type in ("cuda", "cpu"):
                     x = x.contiguous(memory_format=torch.channels_last)
                 with amp():
-                    feats.append(model.features(x).float().cpu())
+                    out = prefix(x)
+                feats.append((out.half() if out.dim() == 4 else out.float()).cpu().contiguous())
                 labels.append(torch.as_tensor(y))
         return torch.cat(feats), torch.cat(labels)
 
     @classmethod
-    def build(cls, model, train_ds, val_ds, cfg: dict, device, amp, cache_key: str | None = None) -> "FeatureCache":
+    def build(cls, prefix, train_ds, val_ds, cfg: dict, device, amp, cache_key: str | None = None) -> "FeatureCache":
         from .data import default_cache_dir
 
         path = None
@@ -414,11 +412,13 @@ class FeatureCache:
         views = 1 if cfg["no_augment"] else max(1, min(int(cfg["feature_views"]), int(cfg["epochs"])))
         bs = cfg["batch_size"] * 2
         train_views = []
+        log.info("caching the frozen layers' outputs: %d view(s) of %d training images, then %d validation images",
+                 views, len(train_ds), len(val_ds))
         for v in range(views):
             seed_everything(cfg["seed"] * 7919 + v)  # each view's augmentations are repeatable
-            f, y = cls._extract(model, train_ds, device, amp, bs, f"features view {v + 1}/{views}")
+            f, y = cls._extract(prefix, train_ds, device, amp, bs, f"features view {v + 1}/{views}")
             train_views.append(f)
-        val, val_y = cls._extract(model, val_ds, device, amp, bs, "features val")
+        val, val_y = cls._extract(prefix, val_ds, device, amp, bs, "features val")
         fc = cls(torch.stack(train_views), y, val, val_y)
         if path is not None:
             from safetensors.torch import save
@@ -457,8 +457,6 @@ def _run_name(cfg: dict, arch: str) -> str:
 def fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None = None, resume: Path | None = None,
         splits=None) -> FitResult:
     """Train one backbone; write the run folder; return the best validation metrics."""
-    from tqdm.auto import tqdm
-
     from .data import DecodedImages, counts, load_splits
     from .models import build_model, get_spec
     from .plots import plot_confusion, plot_curves, plot_roc
@@ -537,13 +535,14 @@ def fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None = None, re
     amp, use_scaler = autocast_for(device)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     step_model = model
-    if cfg["freeze"] == "backbone" and cfg["feature_cache"]:
-        # Only the head learns, so the backbone's output for an image never changes: compute it
-        # once per (augmented) view and train the head on the features (benchmarks/bench_training.py).
-        feats = FeatureCache.build(model, train_loader.dataset, val_loader.dataset, cfg, device, amp,
+    split = model.split_frozen(cfg["freeze"]) if cfg["feature_cache"] else None
+    if split is not None:
+        # The frozen part's output for an image never changes during training: compute it once
+        # per (augmented) view, then train only the rest on it (benchmarks/bench_training.py).
+        prefix, step_model = split
+        feats = FeatureCache.build(prefix, train_loader.dataset, val_loader.dataset, cfg, device, amp,
                                    cache_key=_feature_key(cfg, arch, input_size, data_meta, aug_cfg))
         train_loader, val_loader = feats.loaders(cfg, device)
-        step_model = model.head
 
     resolved = {**cfg, "input_size": input_size, "augment": aug_cfg.to_dict(), "classes": classes,
                 "positive_class": splits.positive_class}
@@ -557,7 +556,7 @@ def fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None = None, re
     bad_epochs = 0 if best is None else int(best.get("bad_epochs", 0))
     best_val_loss = math.inf if best is None else float(best.get("best_val_loss", math.inf))
     interrupted = False
-    epochs_bar = tqdm(range(start_epoch, cfg["epochs"] + 1), desc=arch, unit="epoch", disable=None,
+    epochs_bar = progress(range(start_epoch, cfg["epochs"] + 1), desc=arch, unit="epoch",
                       initial=start_epoch - 1, total=cfg["epochs"])
     try:
         for epoch in epochs_bar:
@@ -795,7 +794,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", help="decoded-image cache: disk (default), memory, off")
     p.add_argument("--cache-dir", type=Path, help="where the disk cache lives (default: ~/.cache/deepcovid)")
     p.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=None,
-                   help="with --freeze backbone, run the backbone every epoch instead of caching its features")
+                   help="run the frozen layers every epoch instead of caching their outputs once per augmented view "
+                        "(the cache is used with --freeze backbone, and with --freeze N for efficientnet_lite0/resnet50)")
     p.add_argument("--feature-views", type=int, help="augmented views per image in the feature cache (default 4)")
     p.add_argument("--max-train-batches", type=int, help="cap training batches per epoch (smoke tests)")
     p.add_argument("--run-name", help="run folder name (default: TIMESTAMP-ARCH)")

@@ -158,3 +158,40 @@ def test_short_real_run_writes_a_loadable_best_checkpoint(tmp_path):
     model = ck.build_model()
     assert ck.meta["data"]["train_counts"]["NORMAL"] + ck.meta["data"]["val_counts"]["NORMAL"] < 1341
     assert model.num_outputs == 1 and 0 <= ck.meta["val_metrics"]["f1"] <= 1
+
+
+@pytest.mark.parametrize("freeze", ["backbone", "2"])
+def test_cached_frozen_layers_reproduce_the_uncached_run(dataset, tmp_path, freeze):
+    """Head-only (pooled features) and last-N-blocks (boundary activations) caches train the
+    same model as running the frozen layers every epoch, on a seeded run."""
+    from deepcovid.data import load_splits
+
+    splits = load_splits(dataset, val_fraction=0.25, seed=0)
+    splits.test = None
+    cfg = resolve_config({**FAST, "epochs": 2, "freeze": freeze, "no_augment": True})
+    res = {}
+    for cached in (True, False):
+        r = fit({**cfg, "feature_cache": cached, "run_name": f"{freeze}-{cached}"}, dataset, tmp_path, splits=splits)
+        res[cached] = r.val_metrics
+        rows = list(csv.DictReader((r.run_dir / "history.csv").open()))
+        res[(cached, "loss")] = [float(x["train_loss"]) for x in rows]
+    tol = 1e-5 if freeze == "backbone" else 5e-3  # boundary activations are cached in float16
+    assert res[True]["loss"] == pytest.approx(res[False]["loss"], abs=tol)
+    assert res[(True, "loss")] == pytest.approx(res[(False, "loss")], abs=tol)
+
+
+def test_split_frozen_is_exact():
+    import torch
+
+    from deepcovid.models import build_model
+
+    for arch, freeze in (("efficientnet_lite0", 3), ("resnet50", 1), ("efficientnet_lite0", "backbone")):
+        m = build_model(arch, 2, freeze=freeze).eval()
+        prefix, rest = m.split_frozen(freeze)
+        x = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            assert torch.allclose(m(x), rest(prefix(x)), atol=1e-6)
+        assert not any(p.requires_grad for p in prefix.parameters())
+        assert sum(p.numel() for p in rest.parameters() if p.requires_grad) == sum(
+            p.numel() for p in m.parameters() if p.requires_grad)
+    assert build_model("inception_v3", 2, freeze=2).split_frozen(2) is None
