@@ -10,10 +10,18 @@
 (the image is decoded once up front); (b) includes drawing the heat map and overlay at the
 original image's size.
 
-    python benchmarks/bench_inference.py            # efficientnet_lite0 @ 224, ImageNet weights
-    python benchmarks/bench_inference.py --quick    # seconds: random init @ 64 px (CI)
+A second table compares the CPU speed options of ``Predictor.predict`` (``precision`` x
+``backend`` x memory layout) in the same run: median latency of one image, the ratio to fp32
+eager NCHW (the pre-optimisation path), and the largest |probability difference| from fp32 eager
+NCHW over the test images (tolerance 1e-3 for fp32 variants, 1e-2 for bf16). A variant is worth
+adopting only if it is both faster and within tolerance. Below it, the Grad-CAM agreement of the
+channels_last model, and of bf16 autocast (why ``explain`` stays float32 under bf16).
 
-Uses a real X-ray from ../shared/data/chest_xray/train when present, else a synthetic one.
+    python benchmarks/bench_inference.py            # efficientnet_lite0 @ 224, ImageNet weights
+    python benchmarks/bench_inference.py --quick    # seconds: random init @ 64 px, no torch.compile (CI)
+
+Uses real X-rays from ../shared/data/chest_xray/train when present (one for the first table,
+16 for the second), else synthetic ones.
 """
 
 from __future__ import annotations
@@ -47,6 +55,30 @@ def find_image(data_dir: Path = DATA):
     yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
     img = 0.3 + 0.3 * np.exp(-((xx - 0.5) ** 2) / 0.02) + rng.normal(0, 0.03, (h, w))
     return (np.clip(img, 0, 1) * 255).astype(np.uint8), f"synthetic {w}x{h} image"
+
+
+def find_images(n: int, data_dir: Path = DATA) -> tuple[list, str]:
+    """Up to ``n`` real X-rays (classes alternating) if the shared data set is there, else ``n``
+    synthetic (H, W) uint8 arrays."""
+    if data_dir.is_dir():
+        per_class = [[f for f in sorted(cls.iterdir()) if f.suffix.lower() in (".jpeg", ".jpg", ".png")]
+                     for cls in sorted(p for p in data_dir.iterdir() if p.is_dir())]
+        picked = []
+        for k in range(n):
+            for files in per_class:
+                if len(picked) < n and k < len(files):
+                    picked.append(files[k])
+        if picked:
+            return picked, f"{len(picked)} real X-rays from {data_dir.name}/"
+    rng = np.random.default_rng(1)
+    out = []
+    for k in range(n):
+        h, w = 300 + 17 * k, 360 + 11 * k
+        yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
+        img = 0.3 + 0.3 * np.exp(-((xx - 0.5) ** 2) / 0.02)
+        img += 0.3 * (k % 2) * np.exp(-(((xx - rng.uniform(0.2, 0.8)) ** 2) + (yy - 0.5) ** 2) / 0.01)
+        out.append((np.clip(img + rng.normal(0, 0.03, (h, w)), 0, 1) * 255).astype(np.uint8))
+    return out, f"{n} synthetic images"
 
 
 def median_ms(fns, reps: int, warmup: int) -> list[float]:
@@ -142,6 +174,128 @@ def run_benchmark(quick: bool = False, arch: str = "efficientnet_lite0", size: i
     return results
 
 
+# ---------------------------------------------------------------------------------------
+# predict: speed options
+# ---------------------------------------------------------------------------------------
+
+# (key, label, Predictor keyword arguments, tolerance on |probability - fp32 eager NCHW|)
+VARIANTS = [
+    ("fp32", "fp32 eager NCHW (baseline)", dict(precision="fp32", channels_last=False), 1e-3),
+    ("cl", "fp32 eager channels_last", dict(precision="fp32", channels_last=True), 1e-3),
+    ("bf16", "bf16 eager NCHW", dict(precision="bf16", channels_last=False), 1e-2),
+    ("bf16_cl", "bf16 eager channels_last", dict(precision="bf16", channels_last=True), 1e-2),
+    ("compile", "fp32 torch.compile (freezing)", dict(precision="fp32", backend="compile"), 1e-3),
+    ("compile_bf16", "bf16 torch.compile (freezing)", dict(precision="bf16", backend="compile"), 1e-2),
+    ("onnx", "fp32 onnxruntime", dict(precision="fp32", backend="onnx"), 1e-3),
+]
+
+
+def _cam_agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(Pearson correlation, max |a - b|) of two normalised CAMs; a constant CAM correlates 1
+    with an equal one and 0 otherwise."""
+    diff = float(np.abs(a - b).max())
+    if a.std() == 0 or b.std() == 0:
+        return (1.0 if diff < 1e-3 else 0.0), diff
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1]), diff
+
+
+def run_variants(quick: bool = False, arch: str = "efficientnet_lite0", size: int | None = None,
+                 weights: str | None = None, reps: int | None = None, warmup: int | None = None,
+                 threads: int | None = None, n_images: int | None = None, compile: bool | None = None,
+                 images=None) -> dict:
+    """Every speed option of ``Predictor.predict`` against fp32 eager NCHW, in one run."""
+    from deepcovid.errors import DeepCovidError
+    from deepcovid.inference import Predictor
+
+    weights = weights or ("none" if quick else "imagenet")
+    reps = reps or (3 if quick else 20)
+    warmup = warmup if warmup is not None else (1 if quick else 3)
+    n_images = n_images or (4 if quick else 16)
+    compile = (not quick) if compile is None else compile
+    base_predictor, model = build(quick, arch, size, weights, threads)
+    state = copy.deepcopy(model.state_dict())
+    if images is None:
+        images, source = find_images(n_images)
+    else:
+        source = f"{len(images)} given images"
+    prepared = [base_predictor.prepare(im) for im in images]  # decoded once, shared by all variants
+
+    results = {"arch": arch, "input_size": base_predictor.input_size, "weights": weights, "source": source,
+               "threads": torch.get_num_threads(), "reps": reps, "rows": [], "cam": []}
+    built = []
+    for key, label, kwargs, tol in VARIANTS:
+        row = {"key": key, "name": label, "tol": tol, "ms": None, "ratio": None, "max_dprob": None,
+               "build_s": None, "error": None}
+        results["rows"].append(row)
+        if not compile and kwargs.get("backend") == "compile":
+            row["error"] = "skipped (--quick / --no-compile)"
+            continue
+        m = copy.deepcopy(model)
+        m.load_state_dict(state)
+        t0 = time.perf_counter()
+        try:
+            p = Predictor(m, dict(base_predictor.meta), device="cpu", num_threads=threads, **kwargs)
+        except DeepCovidError as exc:
+            row["error"] = f"unavailable: {exc}"[:120]
+            continue
+        row["build_s"] = time.perf_counter() - t0
+        built.append((row, p))
+
+    ref = built[0][1]
+    ref_probs = np.stack([pr.probabilities[ref.classes[-1]] for pr in [ref.predict(q) for q in prepared]])
+    for row, p in built:
+        probs = np.stack([p.predict(q).probabilities[p.classes[-1]] for q in prepared])
+        row["max_dprob"] = float(np.abs(probs - ref_probs).max())
+    one = prepared[0]
+    times = median_ms([(lambda p=p: p.predict(one)) for _, p in built], reps, warmup)
+    for (row, _), ms in zip(built, times):
+        row["ms"] = ms
+        row["ratio"] = ms / times[0]
+        row["within_tol"] = row["max_dprob"] <= row["tol"]
+        row["faster"] = row["ratio"] < 1.0
+
+    # Grad-CAM agreement with the fp32 NCHW eager explanation (predicted class).
+    by_key = {row["key"]: p for row, p in built}
+    ref_cams = [ref.explain(q).cam for q in prepared]
+    checks = [("fp32 channels_last (adopted)", by_key.get("cl"), None)]
+    if "bf16_cl" in by_key:
+        checks.append(("bf16 autocast (not adopted: explain stays fp32)", by_key["bf16_cl"], torch.bfloat16))
+    for label, p, force in checks:
+        if p is None:
+            continue
+        saved = p.explain_amp_dtype
+        p.explain_amp_dtype = force if force is not None else saved
+        try:
+            stats = [_cam_agreement(r, p.explain(q).cam) for r, q in zip(ref_cams, prepared)]
+        finally:
+            p.explain_amp_dtype = saved
+        results["cam"].append({"name": label, "min_corr": min(c for c, _ in stats),
+                               "max_diff": max(d for _, d in stats)})
+    torch.set_num_threads(results["threads"])
+    return results
+
+
+def format_variants(res: dict) -> str:
+    lines = [
+        f"Predictor.predict speed options: {res['arch']} @ {res['input_size']} px, weights={res['weights']}, "
+        f"CPU threads={res['threads']}, one image per call, median of {res['reps']} (interleaved); "
+        f"max |dprob| vs fp32 eager NCHW over {res['source']}",
+        f"{'variant':<34}{'build s':>9}{'median ms':>11}{'x fp32':>8}{'max |dprob|':>13}{'tol':>8}"
+        f"{'in tol':>8}{'faster':>8}",
+    ]
+    for r in res["rows"]:
+        if r["ms"] is None:
+            lines.append(f"{r['name']:<34}  {r['error']}")
+            continue
+        lines.append(f"{r['name']:<34}{r['build_s']:>9.2f}{r['ms']:>11.2f}{r['ratio']:>8.2f}{r['max_dprob']:>13.2e}"
+                     f"{r['tol']:>8.0e}{('yes' if r['within_tol'] else 'NO'):>8}"
+                     f"{('yes' if r['faster'] else 'no'):>8}")
+    for c in res["cam"]:
+        lines.append(f"Grad-CAM vs fp32 NCHW, {c['name']}: min correlation {c['min_corr']:.4f}, "
+                     f"max |dCAM| {c['max_diff']:.4f}")
+    return "\n".join(lines)
+
+
 def format_table(res: dict) -> str:
     lines = [
         f"model {res['arch']} @ {res['input_size']} px, weights={res['weights']}, input: {res['source']} "
@@ -164,10 +318,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all available)")
+    ap.add_argument("--images", type=int, default=None,
+                    help="images for the speed-options table's agreement check (default 16, 4 with --quick)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="include the torch.compile variants (default: yes, no with --quick)")
+    ap.add_argument("--no-variants", action="store_true", help="only the explain-vs-bare-forward table")
     args = ap.parse_args(argv)
     res = run_benchmark(quick=args.quick, arch=args.arch, size=args.size, weights=args.weights, reps=args.reps,
                         warmup=args.warmup, threads=args.threads)
-    print(format_table(res))
+    print(format_table(res), flush=True)
+    if not args.no_variants:
+        var = run_variants(quick=args.quick, arch=args.arch, size=args.size, weights=args.weights, reps=args.reps,
+                           warmup=args.warmup, threads=args.threads, n_images=args.images, compile=args.compile)
+        print()
+        print(format_variants(var))
     return 0
 
 

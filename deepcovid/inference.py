@@ -22,9 +22,10 @@ Speed options (``Predictor(..., precision=..., backend=...)``, CLI ``--precision
 * the model and its inputs are always ``channels_last`` on CPU and CUDA (oneDNN's fast layout;
   the same numbers as NCHW to float rounding);
 * ``precision``: ``"auto"`` (default: float32 on CPU/MPS, autocast on CUDA as before),
-  ``"fp32"`` (never autocast) or ``"bf16"`` (``torch.autocast`` to bfloat16, CPU or CUDA;
-  probabilities within ~1e-2 of fp32). Applies to ``predict`` and ``explain``; the CAM itself is
-  always computed in float32 (``cam.GraphCut`` hands grad-cam a float32 leaf);
+  ``"fp32"`` (never autocast) or ``"bf16"`` (``torch.autocast`` to bfloat16 for ``predict``,
+  CPU or CUDA; probabilities within ~1e-2 of fp32). ``explain`` under ``"bf16"`` still runs in
+  float32: bfloat16 backbone features moved the normalised Grad-CAM too much (correlation with
+  the fp32 CAM down to ~0.56 on real X-rays), while the probabilities moved by ~2e-3;
 * ``backend``: ``"eager"`` (default), ``"compile"`` (``torch.compile`` with inductor freezing,
   compiled once at construction: tens of seconds, needs a C++ compiler) or ``"onnx"`` (the eval
   model exported to ONNX and run by an onnxruntime CPU session; fp32 and CPU only). Backends
@@ -171,10 +172,12 @@ class Predictor:
 
     def __init__(self, model: torch.nn.Module, meta: dict, *, device: str | torch.device = "auto",
                  path: str | os.PathLike | None = None, num_threads: int | None = None,
-                 cam_layers: Sequence[str] | None = None, precision: str = "auto", backend: str = "eager"):
+                 cam_layers: Sequence[str] | None = None, precision: str = "auto", backend: str = "eager",
+                 channels_last: bool | None = None):
         """``cam_layers``: dotted backbone layer names to explain (default: the registry's).
         ``precision``: one of :data:`PRECISIONS`; ``backend``: one of :data:`BACKENDS` (see the
-        module docstring)."""
+        module docstring). ``channels_last``: None (default) = on for CPU and CUDA; False keeps
+        NCHW (the benchmark's baseline)."""
         from .models import get_spec
 
         self.precision = check_precision(precision)
@@ -214,6 +217,10 @@ class Predictor:
 
         self.device = resolve_device(device)
         self.amp_dtype = _amp_dtype(self.precision, self.device)
+        # Explanations stay float32 under precision 'bf16': bfloat16 features change the Grad-CAM
+        # far more than the probabilities (CAM correlation down to ~0.56 vs fp32 on real X-rays,
+        # see benchmarks/bench_inference.py). 'auto' keeps the CUDA autocast it always had.
+        self.explain_amp_dtype = self.amp_dtype if self.precision == "auto" else None
         if self.backend == "onnx" and (self.device.type != "cpu" or self.amp_dtype is not None):
             raise ConfigError("backend 'onnx' runs float32 on the CPU only; use device 'cpu' with precision "
                               "'auto' or 'fp32', or another backend")
@@ -223,7 +230,7 @@ class Predictor:
         model = model.eval()
         model.requires_grad_(False)  # inference never needs parameter gradients (see GraphCut)
         # channels_last: oneDNN's (and cuDNN's) fast convolution layout; same numbers as NCHW.
-        self.channels_last = self.device.type in ("cpu", "cuda")
+        self.channels_last = self.device.type in ("cpu", "cuda") if channels_last is None else bool(channels_last)
         if self.channels_last:
             model = model.to(self.device, memory_format=torch.channels_last)
         else:
@@ -323,9 +330,11 @@ class Predictor:
             return x.to(self.device, non_blocking=self.device.type == "cuda", memory_format=torch.channels_last)
         return x.to(self.device)
 
-    def _autocast(self):
-        if self.amp_dtype is not None:
-            return torch.autocast(self.device.type, dtype=self.amp_dtype)
+    def _autocast(self, explain: bool = False):
+        """Autocast for ``predict`` (``amp_dtype``), or for ``explain`` (``explain_amp_dtype``)."""
+        dtype = self.explain_amp_dtype if explain else self.amp_dtype
+        if dtype is not None:
+            return torch.autocast(self.device.type, dtype=dtype)
         return contextlib.nullcontext()
 
     def _probabilities(self, logits: torch.Tensor) -> np.ndarray:
@@ -447,7 +456,7 @@ class Predictor:
                                            self.positive_index)
         else:
             target = camlib.class_target(target_index, self.num_outputs, self.positive_index)
-        with self._lock, torch.inference_mode(False), torch.enable_grad(), self._autocast():
+        with self._lock, torch.inference_mode(False), torch.enable_grad(), self._autocast(explain=True):
             xd = self._to_device(x)
             with contextlib.ExitStack() as stack:
                 if isinstance(target, camlib.DeferredTarget):
