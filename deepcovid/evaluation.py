@@ -32,7 +32,7 @@ def evaluate_folder(checkpoint, data: Path, *, checkpoints_dir=DEFAULT_CHECKPOIN
     _, samples = discover(data, ckpt.meta["classes"])
     dev = select_device(device)
     stored = evaluate_on_samples(ckpt, samples, out_dir, "eval", device=dev)
-    at_half = evaluate_on_samples(ckpt, samples, None, "eval", device=dev, threshold=0.5) if ckpt.meta["threshold"] is not None else None
+    at_half = stored.get("at_0.5")
     return {"checkpoint": str(ckpt.path), "arch": ckpt.meta["arch"], "data": str(data), "n": stored["n"],
             "skipped": stored["skipped"], **{k: stored[k] for k in METRIC_KEYS}, "threshold": stored["threshold"],
             "at_0.5": {k: at_half[k] for k in (*METRIC_KEYS, "threshold")} if at_half else None,

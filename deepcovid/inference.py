@@ -231,10 +231,8 @@ class Predictor:
         model.requires_grad_(False)  # inference never needs parameter gradients (see GraphCut)
         # channels_last: oneDNN's (and cuDNN's) fast convolution layout; same numbers as NCHW.
         self.channels_last = self.device.type in ("cpu", "cuda") if channels_last is None else bool(channels_last)
-        if self.channels_last:
-            model = model.to(self.device, memory_format=torch.channels_last)
-        else:
-            model = model.to(self.device)
+        model = model.to(self.device, memory_format=torch.channels_last if self.channels_last
+                         else torch.contiguous_format)  # explicit: the model may come in either layout
         self.model = model
         self._lock = threading.RLock()
         self.cam_layer_names: tuple[str, ...] = tuple(cam_layers or self.spec.cam_layers)
@@ -252,7 +250,7 @@ class Predictor:
     def from_checkpoint(cls, spec: str | os.PathLike = "best", checkpoints_dir: str | os.PathLike = "checkpoints",
                         device: str | torch.device = "auto", num_threads: int | None = None,
                         cam_layers: Sequence[str] | None = None, precision: str = "auto",
-                        backend: str = "eager") -> "Predictor":
+                        backend: str = "eager", channels_last: bool | None = None) -> "Predictor":
         """``spec``: a .safetensors file, a run folder, or 'best' (highest val F1 under ``checkpoints_dir``).
         ``precision`` (:data:`PRECISIONS`) and ``backend`` (:data:`BACKENDS`): see the module docstring."""
         from .checkpoint import load_checkpoint
@@ -262,7 +260,7 @@ class Predictor:
         loaded = load_checkpoint(spec, checkpoints_dir)
         model = loaded.build_model()
         return cls(model, loaded.meta, device=device, path=loaded.path, num_threads=num_threads,
-                   cam_layers=cam_layers, precision=precision, backend=backend)
+                   cam_layers=cam_layers, precision=precision, backend=backend, channels_last=channels_last)
 
     # --- fast predict backends --------------------------------------------------------------
     def _example_input(self, batch: int = 1) -> torch.Tensor:

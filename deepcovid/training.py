@@ -477,6 +477,13 @@ def _run_name(cfg: dict, arch: str) -> str:
 def fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None = None, resume: Path | None = None,
         splits=None) -> FitResult:
     """Train one backbone; write the run folder; return the best validation metrics."""
+    try:
+        return _fit(cfg, data_root, output, arch=arch, resume=resume, splits=splits)
+    finally:
+        _detach_log_file()  # the run's train.log must not outlive the run (or its folder)
+
+
+def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: Path | None, splits) -> FitResult:
     from .data import DecodedImages, counts, load_splits
     from .models import build_model, get_spec
     from .plots import plot_confusion, plot_curves, plot_roc
@@ -650,7 +657,7 @@ def fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None = None, re
 
 
 def evaluate_on_samples(ckpt, samples, out_dir: Path | None, name: str, *, cfg: dict | None = None,
-                        device: torch.device | None = None, threshold: float | None = None) -> dict:
+                        device: torch.device | None = None) -> dict:
     """Metrics of a loaded checkpoint on samples at its stored threshold; also writes
     ``<name>_metrics.json`` and ROC/confusion plots into ``out_dir`` when given."""
     from torch.utils.data import DataLoader
@@ -671,10 +678,12 @@ def evaluate_on_samples(ckpt, samples, out_dir: Path | None, name: str, *, cfg: 
     amp, _ = autocast_for(device)
     _, y, p = evaluate(model, loader, None, device, amp=amp, desc=name)
     classes = meta["classes"]
-    thr = meta["threshold"] if threshold is None else threshold
+    thr = meta["threshold"]
     m = compute_metrics(y, p, classes, thr)
     m["n"] = int(len(y))
     m["skipped"] = images.bad
+    if len(classes) == 2 and thr != 0.5:
+        m["at_0.5"] = {k: v for k, v in compute_metrics(y, p, classes, 0.5).items()}
     if out_dir is not None:
         out_dir = Path(out_dir)
         atomic_write_text(out_dir / f"{name}_metrics.json", json.dumps(m, indent=2, sort_keys=True) + "\n")
@@ -764,11 +773,15 @@ def run_many(cfg: dict, data_root: Path, output: Path, trials: list[dict]) -> li
 # Command line
 # ---------------------------------------------------------------------------------------
 
-def _attach_log_file(run_dir: Path) -> None:
+def _detach_log_file() -> None:
     for h in list(log.handlers):
         if getattr(h, "_deepcovid_run", False):
             log.removeHandler(h)
             h.close()
+
+
+def _attach_log_file(run_dir: Path) -> None:
+    _detach_log_file()
     fh = logging.FileHandler(run_dir / "train.log")
     fh._deepcovid_run = True
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))

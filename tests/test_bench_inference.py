@@ -22,7 +22,8 @@ def test_quick_benchmark_prints_the_table(capsys):
     bench = load_bench()
     threads = torch.get_num_threads()
     try:
-        assert bench.main(["--quick", "--size", "32", "--reps", "2", "--warmup", "0"]) == 0
+        # the speed-options table has its own test below (on one thread: much faster here)
+        assert bench.main(["--quick", "--size", "32", "--reps", "2", "--warmup", "0", "--no-variants"]) == 0
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
@@ -44,3 +45,28 @@ def test_synthetic_input_when_no_data(tmp_path):
     bench = load_bench()
     img, source = bench.find_image(tmp_path / "nothing")
     assert source.startswith("synthetic") and img.ndim == 2 and img.dtype.name == "uint8"
+
+
+def test_quick_speed_options_table(capsys):
+    """The speed-options table: baseline ratio 1, every built variant timed and checked against
+    fp32 eager NCHW, torch.compile skipped in quick mode."""
+    bench = load_bench()
+    threads = torch.get_num_threads()
+    try:
+        res = bench.run_variants(quick=True, size=32, reps=2, warmup=0, threads=1, n_images=2)
+    finally:
+        torch.set_num_threads(threads)
+    rows = {r["key"]: r for r in res["rows"]}
+    assert list(rows) == [k for k, *_ in bench.VARIANTS]
+    assert rows["fp32"]["ratio"] == 1.0 and rows["fp32"]["max_dprob"] == 0.0
+    assert rows["compile"]["ms"] is None and "skipped" in rows["compile"]["error"]
+    for key in ("cl", "bf16", "bf16_cl"):
+        r = rows[key]
+        assert r["ms"] > 0 and r["ratio"] > 0 and r["within_tol"], r
+    if rows["onnx"]["ms"] is not None:
+        assert rows["onnx"]["within_tol"]
+    assert [c["name"].split()[0] for c in res["cam"]] == ["fp32", "bf16"]
+    assert res["cam"][0]["min_corr"] > 0.999
+    text = bench.format_variants(res)
+    assert "fp32 eager NCHW (baseline)" in text and "x fp32" in text and "skipped" in text
+    assert len([ln for ln in text.splitlines() if ln.endswith(("yes", "no"))]) >= 4

@@ -96,6 +96,14 @@ def test_defaults_are_fp32_eager_channels_last_on_cpu(tiny_checkpoint, images, r
 def test_channels_last_agrees_with_nchw_for_predict_and_explain(tiny_checkpoint, images, reference):
     p = make(tiny_checkpoint, precision="fp32")
     assert p.channels_last and not reference.channels_last
+    assert reference.model.backbone.conv_stem.weight.is_contiguous()
+    # channels_last=False really gives NCHW, even for a model that arrives in channels_last
+    from deepcovid.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(tiny_checkpoint)
+    cl_model = loaded.build_model().to(memory_format=torch.channels_last)
+    nchw = Predictor(cl_model, loaded.meta, device="cpu", num_threads=1, channels_last=False)
+    assert nchw.model.backbone.conv_stem.weight.is_contiguous()
     np.testing.assert_allclose(probs(p, images), probs(reference, images), atol=FP32_TOL)
     np.testing.assert_allclose(single_probs(p, images), single_probs(reference, images), atol=FP32_TOL)
     for im in images[:2]:
