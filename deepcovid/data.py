@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .progress import progress
 from .errors import ConfigError, DataError, InvalidImageError
+from .progress import progress
 
 log = logging.getLogger("deepcovid")
 

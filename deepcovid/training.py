@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write_text, read_checkpoint, save_checkpoint, versions
-from .progress import progress
 from .errors import ConfigError, DataError
 from .metrics import METRIC_KEYS, best_f1_threshold, compute_metrics, format_table
+from .progress import progress
 
 log = logging.getLogger("deepcovid")
 

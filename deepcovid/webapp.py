@@ -605,7 +605,6 @@ def build_demo(predictor=None, *, checkpoints_dir="checkpoints", checkpoint="bes
     if created:  # embedded use (not `run`): remove the cache folder when the process ends
         atexit.register(shutil.rmtree, created, True)
     import gradio as gr
-    import numpy as np
 
     if registry is None:
         registry = ModelRegistry.from_dir(checkpoints_dir, checkpoint, device=device, predictor=predictor)
