@@ -91,7 +91,8 @@ def bench_feature_cache(root: Path, size: int, epochs: int, arch: str, max_image
     if max_images:
         rng = np.random.default_rng(0)
         splits.train = [splits.train[i] for i in sorted(rng.choice(len(splits.train), min(max_images, len(splits.train)), replace=False))]
-        splits.val = splits.val[: max(20, max_images // 8)]
+        nv = min(len(splits.val), max(20, max_images // 8))
+        splits.val = [splits.val[i] for i in sorted(rng.choice(len(splits.val), nv, replace=False))]
     splits.test = None
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
