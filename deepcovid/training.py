@@ -692,7 +692,7 @@ def evaluate_on_samples(ckpt, samples, out_dir: Path | None, name: str, *, cfg: 
             y_pred = (p >= thr).astype(int)
         else:
             y_pred = p.argmax(1)
-        plot_confusion(y, y_pred, classes, out_dir / f"confusion_{name}.png", f"{name}, threshold {thr}")
+        plot_confusion(y, y_pred, classes, out_dir / f"confusion_{name}.png", f"{name}, threshold {thr:.3f}" if thr is not None else f"{name}, argmax")
     return m
 
 
