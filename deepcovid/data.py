@@ -140,7 +140,7 @@ class DatasetSplits:
 
     def describe(self) -> dict:
         return {
-            "root": str(self.root),
+            "root": str(Path(self.root).resolve()),  # --resume may run from another folder
             "classes": self.classes,
             "train_counts": counts(self.train, self.classes),
             "val_counts": counts(self.val, self.classes),
