@@ -62,11 +62,11 @@ def _reencode(samples, out: Path, size: int):
     return res
 
 
-def bench_pipeline(samples, size: int, cache_dir: Path, passes: int) -> dict:
+def bench_pipeline(samples, size: int, cache_dir: Path, passes: int, augment: bool = True) -> dict:
     from deepcovid.data import DecodedImages, XRayDataset
     from deepcovid.transforms import AugmentConfig, build_augment
 
-    aug = build_augment(AugmentConfig(), size)
+    aug = build_augment(AugmentConfig(), size) if augment else None
     out = {}
     for mode in ("off", "disk"):
         t0 = time.perf_counter()
@@ -158,12 +158,15 @@ def main(argv=None) -> int:
               f"{torch.get_num_threads()} CPU threads, {os.cpu_count()} cores)\n")
 
         samples = _samples(train_root, n_pipe)
-        print("## 1. decoded-image cache (decode + resize + augment + normalise, images/s)\n")
-        print("| source | JPEG decoded every time | memory-mapped cache | ratio | cache build (s) |\n|---|---|---|---|---|")
-        for label, smp in (("shared 224 px JPEG", samples), (f"{big} px grayscale JPEG", _reencode(samples, tmp / "big", big))):
-            r = bench_pipeline(smp, 224, tmp / "cache", passes=2)
-            print(f"| {label} | {r['off']['img_per_s']:.0f} | {r['disk']['img_per_s']:.0f} | "
-                  f"{r['disk']['img_per_s'] / r['off']['img_per_s']:.2f}x | {r['disk']['setup_s']:.1f} |")
+        print("## 1. decoded-image cache (decode + resize [+ Table 1 augmentation] + normalise, images/s)\n")
+        print("| source | augmentation | JPEG decoded every time | memory-mapped cache | ratio | cache build (s) |\n"
+              "|---|---|---|---|---|---|")
+        big_samples = _reencode(samples, tmp / "big", big)
+        for augment in (True, False):
+            for label, smp in (("shared 224 px JPEG", samples), (f"{big} px grayscale JPEG", big_samples)):
+                r = bench_pipeline(smp, 224, tmp / "cache", passes=2, augment=augment)
+                print(f"| {label} | {'on' if augment else 'off'} | {r['off']['img_per_s']:.0f} | {r['disk']['img_per_s']:.0f} | "
+                      f"{r['disk']['img_per_s'] / r['off']['img_per_s']:.2f}x | {r['disk']['setup_s']:.1f} |")
 
         print(f"\n## 2. frozen-backbone feature cache ({args.arch}, {fe_epochs} head-only epochs, {fe_size} px, no augmentation)\n")
         r = bench_feature_cache(train_root, fe_size, fe_epochs, args.arch, fe_images)

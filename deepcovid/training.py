@@ -470,6 +470,27 @@ class FeatureCache:
         return (lambda epoch: loaders[(epoch - 1) % len(loaders)]), val
 
 
+# Plots are refreshed at most this often during training (and always at the end): a
+# matplotlib figure costs about 0.2 s, as much as a whole head-only epoch on cached features.
+PLOT_EVERY_S = 30.0
+
+
+def _write_plots(run_dir: Path, history: list[dict], best_outputs, classes: list[str], arch: str) -> None:
+    from .plots import plot_confusion, plot_curves, plot_roc
+
+    plot_curves(history, run_dir / "curves.png")
+    if best_outputs is None:
+        return
+    epoch, y, p, threshold = best_outputs
+    if len(classes) == 2:
+        plot_roc(y, p, run_dir / "roc_val.png", f"ROC, validation ({arch}, epoch {epoch})")
+        y_pred = (p >= threshold).astype(int)
+    else:
+        y_pred = p.argmax(1)
+    plot_confusion(y, y_pred, classes, run_dir / "confusion_val.png",
+                   f"Validation, epoch {epoch}" + (f", threshold {threshold:.3f}" if threshold is not None else ""))
+
+
 def _run_name(cfg: dict, arch: str) -> str:
     return cfg.get("run_name") or f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{arch}"
 
@@ -486,8 +507,6 @@ def fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None = None, re
 def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: Path | None, splits) -> FitResult:
     from .data import DecodedImages, counts, load_splits
     from .models import build_model, get_spec
-    from .plots import plot_confusion, plot_curves, plot_roc
-
     start_epoch, history, best, resume_state = 1, [], None, None
     if resume is not None:
         run_dir = Path(resume)
@@ -583,6 +602,7 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
     bad_epochs = 0 if best is None else int(best.get("bad_epochs", 0))
     best_val_loss = math.inf if best is None else float(best.get("best_val_loss", math.inf))
     interrupted = False
+    best_outputs, last_plot = None, -math.inf  # validation outputs of a new best epoch, not yet plotted
     epochs_bar = progress(range(start_epoch, cfg["epochs"] + 1), desc=arch, unit="epoch",
                       initial=start_epoch - 1, total=cfg["epochs"])
     try:
@@ -604,7 +624,6 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
                    "val_threshold": threshold if threshold is not None else float("nan"), "val_f1_at_threshold": va_m["f1"]}
             history.append(row)
             _write_history(run_dir, history)
-            plot_curves(history, run_dir / "curves.png")
 
             improved = best is None or va_m["f1"] > best["f1"] + 1e-12 or (
                 abs(va_m["f1"] - best["f1"]) <= 1e-12 and va_loss < best["loss"])
@@ -616,13 +635,7 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
                 meta = {**base_meta, "threshold": threshold, "val_metrics": val_metrics, "epoch": epoch,
                         "val_metrics_at_0.5": {k: va_m05[k] for k in METRIC_KEYS}}
                 save_checkpoint(run_dir, "best", model.state_dict(), meta)
-                if binary:
-                    plot_roc(va_y, va_p, run_dir / "roc_val.png", f"ROC, validation ({arch}, epoch {epoch})")
-                    y_pred = (va_p >= threshold).astype(int)
-                else:
-                    y_pred = va_p.argmax(1)
-                plot_confusion(va_y, y_pred, classes, run_dir / "confusion_val.png",
-                               f"Validation, epoch {epoch}" + (f", threshold {threshold:.3f}" if binary else ""))
+                best_outputs = (epoch, va_y, va_p, threshold)
             if va_loss < best_val_loss - 1e-6:
                 best_val_loss, bad_epochs = va_loss, 0
             else:
@@ -632,6 +645,9 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
             save_checkpoint(run_dir, "last", model.state_dict(),
                             {**base_meta, "threshold": threshold, "val_metrics": val_metrics, "epoch": epoch,
                              "history": history, "best": best, "optimizer": opt_meta}, extra_tensors=opt_tensors)
+            if time.perf_counter() - last_plot >= PLOT_EVERY_S:
+                _write_plots(run_dir, history, best_outputs, classes, arch)
+                best_outputs, last_plot = None, time.perf_counter()
             epochs_bar.set_postfix(val_f1=f"{va_m['f1']:.3f}", val_loss=f"{va_loss:.3f}", best=best["epoch"])
             log.info("epoch %d/%d  train loss %.4f  val loss %.4f  val F1 %.4f (threshold %s)  AUC %.4f  %.0fs",
                      epoch, cfg["epochs"], tr_loss, va_loss, va_m["f1"],
@@ -644,6 +660,8 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
         log.warning("interrupted: the last finished epoch is saved; continue with --resume %s", run_dir)
     finally:
         epochs_bar.close()
+    if history:
+        _write_plots(run_dir, history, best_outputs, classes, arch)
 
     if best is None:
         return FitResult(run_dir, arch, 0, {}, None, interrupted=True)

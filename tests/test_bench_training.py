@@ -14,7 +14,7 @@ def test_training_benchmarks_run_in_quick_mode(capsys):
     for heading in ("decoded-image cache", "feature cache", "scaling"):
         assert heading in out
     ratios = [float(x) for x in re.findall(r"\| ([0-9.]+)x \|", out)]
-    assert len(ratios) == 2 and all(r > 0 for r in ratios)
+    assert len(ratios) == 4 and all(r > 0 for r in ratios)
     speedup = float(re.search(r"speed-up: ([0-9.]+)x", out).group(1))
     assert speedup > 0
     # the cached and uncached head-only runs agree (seeded, no augmentation)
