@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, check_choice
 
 CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam")
 SLOW_CAM_METHODS = frozenset({"scorecam"})
@@ -55,17 +55,11 @@ def cam_class(method: str):
 
 
 def check_cam_method(method: str) -> str:
-    key = str(method).strip().lower()
-    if key not in CAM_METHODS:
-        raise ConfigError(f"unknown CAM method {method!r}; choose from: {', '.join(CAM_METHODS)}")
-    return key
+    return check_choice(method, CAM_METHODS, "CAM method")
 
 
 def check_colormap(colormap: str) -> int:
-    key = str(colormap).strip().lower()
-    if key not in COLORMAPS:
-        raise ConfigError(f"unknown colormap {colormap!r}; choose from: {', '.join(sorted(COLORMAPS))}")
-    return COLORMAPS[key]
+    return COLORMAPS[check_choice(colormap, sorted(COLORMAPS), "colormap")]
 
 
 # ---------------------------------------------------------------------------------------

@@ -24,3 +24,11 @@ class CheckpointError(DeepCovidError):
 
 class WeightsUnavailableError(DeepCovidError):
     """Pretrained weights could not be obtained (usually: no internet)."""
+
+
+def check_choice(value, choices, what: str) -> str:
+    """``value`` normalised (stripped, lower-case) if it is one of ``choices``, else a ConfigError naming them."""
+    key = str(value).strip().lower()
+    if key not in choices:
+        raise ConfigError(f"unknown {what} {value!r}; choose from: {', '.join(choices)}")
+    return key

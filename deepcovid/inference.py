@@ -51,7 +51,8 @@ import torch
 
 from . import cam as camlib
 from .cam import CAM_METHODS, SLOW_CAM_MESSAGE, SLOW_CAM_METHODS  # noqa: F401  (re-exported)
-from .errors import ConfigError
+from .device import available_threads, resolve_device  # noqa: F401  (re-exported)
+from .errors import ConfigError, check_choice
 
 __all__ = [
     "CAM_METHODS", "SLOW_CAM_METHODS", "SLOW_CAM_MESSAGE", "Prediction", "Explanation", "Predictor",
@@ -106,49 +107,12 @@ class PreparedImage:
         return list(getattr(self.image, "notes", None) or [])
 
 
-def available_threads() -> int:
-    """CPU cores this process may use (affinity-aware)."""
-    n = os.cpu_count() or 1
-    try:
-        n = min(n, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not on Linux
-        pass
-    return max(1, n)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' = cuda > mps > cpu; an explicit device that is not available is a ConfigError."""
-    d = str(device).strip().lower() if not isinstance(device, torch.device) else str(device)
-    if d == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(d)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available here; use --device cpu or auto")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError(f"device {device!r} requested but MPS is not available here; use --device cpu or auto")
-    return dev
-
-
 def check_precision(precision: str) -> str:
-    key = str(precision).strip().lower()
-    if key not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}; choose from: {', '.join(PRECISIONS)}")
-    return key
+    return check_choice(precision, PRECISIONS, "precision")
 
 
 def check_backend(backend: str) -> str:
-    key = str(backend).strip().lower()
-    if key not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}; choose from: {', '.join(BACKENDS)}")
-    return key
+    return check_choice(backend, BACKENDS, "backend")
 
 
 def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:

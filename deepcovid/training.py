@@ -142,17 +142,9 @@ def validate_config(cfg: dict) -> None:
 
 
 def select_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available (use --device auto or cpu)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("--device mps: MPS is not available (use --device auto or cpu)")
-    return torch.device(name)
+    from .device import resolve_device
+
+    return resolve_device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -526,7 +518,9 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
     seed_everything(cfg["seed"])
     device = select_device(cfg["device"])
     if device.type == "cpu":
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+        from .device import available_threads
+
+        torch.set_num_threads(available_threads())
 
     if splits is None:
         splits = load_splits(data_root, val_fraction=cfg["val_fraction"], seed=cfg["seed"], positive_class=cfg["positive_class"])
