@@ -110,9 +110,9 @@ class LoadedCheckpoint:
 
     def build_model(self):
         """Rebuild the model from the checkpoint alone (no download, random init then load)."""
-        from .models import build_model
+        from .models import build_from_meta
 
-        model = build_model(self.meta["arch"], len(self.meta["classes"]), weights="none", freeze="none")
+        model = build_from_meta(self.meta)
         try:
             model.load_state_dict(self.state_dict, strict=True)
         except RuntimeError as exc:
@@ -133,7 +133,11 @@ def read_checkpoint(path: Path, *, verify_sidecar: bool = True) -> LoadedCheckpo
         blob = path.read_bytes()
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
-    if blob[:2] == b"\x80\x02" or blob[:1] == b"\x80" or blob[:2] == b"PK":
+    # safetensors framing: an 8-byte little-endian header length, then a JSON header. Only a
+    # file without it is tested for pickle / torch.save magic (a header length whose low byte
+    # is 0x80 is a valid safetensors file, not a pickle).
+    framed = len(blob) >= 9 and blob[8:9] == b"{" and 8 + int.from_bytes(blob[:8], "little") <= len(blob)
+    if not framed and (blob[:1] == b"\x80" or blob[:2] == b"PK"):
         raise CheckpointError(
             f"{path} is a pickle/torch.save file, not safetensors; deepcovid refuses to unpickle checkpoints "
             "because unpickling can run arbitrary code"
@@ -191,6 +195,8 @@ def list_checkpoints(checkpoints_dir: Path = Path(DEFAULT_CHECKPOINTS_DIR), name
     if not root.is_dir():
         return out
     for js in sorted(root.rglob(f"{name}.json")):
+        if "members" in js.relative_to(root).parts[:-1]:
+            continue  # an ensemble's members: 'best' is the ensemble that holds them
         try:
             meta = json.loads(js.read_text())
         except (OSError, json.JSONDecodeError):

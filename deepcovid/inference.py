@@ -152,7 +152,8 @@ class Predictor:
         if len(self.classes) < 2:
             raise ConfigError("a checkpoint needs at least two classes")
         self.arch: str = meta["arch"]
-        self.spec = get_spec(self.arch)
+        # An ensemble carries its own spec (its members' CAM and activation layers).
+        self.spec = getattr(model, "spec", None) if self.arch == "ensemble" else get_spec(self.arch)
         self.input_size: int = int(meta["input_size"])
         self.mean = tuple(float(v) for v in meta["mean"])
         self.std = tuple(float(v) for v in meta["std"])

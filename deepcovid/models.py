@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -398,6 +398,54 @@ class _Features(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model[0].features(x)
+
+
+class EnsembleNet(nn.Module):
+    """Several trained DeepCovidNets that share one preprocessing config; the output is the mean
+    of their probabilities, returned as a logit (log-probability for K classes), so thresholds,
+    Grad-CAM targets and everything else downstream treat it as one model.
+
+    Grad-CAM explains the ensemble's own output through every member's CAM layer (grad-cam
+    averages the per-layer maps); activation maps come from the first member.
+    """
+
+    arch = "ensemble"
+
+    def __init__(self, member_archs: Sequence[str], num_outputs: int):
+        super().__init__()
+        if len(member_archs) < 2:
+            raise ConfigError("an ensemble needs at least two members")
+        self.members = nn.ModuleList(DeepCovidNet(a, num_outputs) for a in member_archs)
+        self.num_outputs = num_outputs
+        specs = [m.spec for m in self.members]
+        self.spec = BackboneSpec(
+            name="ensemble", library="deepcovid", data_config=specs[0].data_config, num_features=0,
+            cam_layers=tuple(f"{i}.{layer}" for i, sp in enumerate(specs) for layer in sp.cam_layers),
+            activation_layers=tuple(f"0.{layer}" for layer in specs[0].activation_layers), blocks=())
+
+    @property
+    def backbone(self) -> nn.ModuleList:
+        """The members' backbones, indexable by dotted names such as ``"1.blocks.6"``."""
+        return nn.ModuleList(m.backbone for m in self.members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [m(x).float() for m in self.members]
+        if self.num_outputs == 1:
+            p = torch.stack([torch.sigmoid(o) for o in outs]).mean(0)
+            return torch.logit(p, eps=1e-7)
+        p = torch.stack([torch.softmax(o, dim=-1) for o in outs]).mean(0)
+        return torch.log(p.clamp_min(1e-12))
+
+
+def build_from_meta(meta: dict) -> nn.Module:
+    """An untrained model with the architecture a checkpoint's metadata describes."""
+    num_outputs = 1 if len(meta["classes"]) == 2 else len(meta["classes"])
+    if meta["arch"] == "ensemble":
+        members = meta.get("members")
+        if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, dict) and "arch" in m for m in members):
+            raise CheckpointError("an ensemble checkpoint must list at least two members with their arch")
+        return EnsembleNet([str(m["arch"]) for m in members], num_outputs)
+    return build_model(meta["arch"], len(meta["classes"]), weights="none", freeze="none")
 
 
 def parse_freeze(value) -> str | int:

@@ -27,6 +27,7 @@ class AugmentConfig:
     hflip: float = 0.5              # probability
     vflip: float = 0.5              # probability
     shift: int = 12                 # pixels, horizontal and vertical
+    zoom: float = 0.0               # scale in [1 - zoom, 1 + zoom] (not in the paper; off by default)
     blur: float = 2.0               # max Gaussian sigma, pixels
     blur_p: float = 0.5             # probability of blurring at all
     brightness: float = 0.2
@@ -136,9 +137,10 @@ def build_augment(cfg: AugmentConfig, input_size: int) -> v2.Transform:
         ops.append(v2.RandomHorizontalFlip(cfg.hflip))
     if cfg.vflip > 0:
         ops.append(v2.RandomVerticalFlip(cfg.vflip))
-    if cfg.rotation > 0 or cfg.shift > 0:
+    if cfg.rotation > 0 or cfg.shift > 0 or cfg.zoom > 0:
         frac = min(cfg.shift / float(input_size), 1.0)
-        ops.append(v2.RandomAffine(degrees=cfg.rotation, translate=(frac, frac) if cfg.shift > 0 else None))
+        ops.append(v2.RandomAffine(degrees=cfg.rotation, translate=(frac, frac) if cfg.shift > 0 else None,
+                                   scale=(1.0 - cfg.zoom, 1.0 + cfg.zoom) if cfg.zoom > 0 else None))
     if cfg.blur > 0 and cfg.blur_p > 0:
         ops.append(RandomGaussianBlur(cfg.blur, cfg.blur_p))
     if any(getattr(cfg, n) > 0 for n in ("brightness", "contrast", "saturation", "hue")):

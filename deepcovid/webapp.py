@@ -504,6 +504,11 @@ def model_card_markdown(entry: dict) -> str:
         ("Checkpoint file", Path(entry.get("path", "?")).name),
         ("Classes", ", ".join(classes) + (f" (positive: {pos})" if pos else "")),
     ]
+    members = entry.get("members")
+    if isinstance(members, list) and members:
+        rows.append(("Ensemble of", "; ".join(
+            f"{m.get('arch', '?')} ({m.get('run', '?')}, val F1 {_fmt_metric((m.get('val_metrics') or {}).get('f1'))})"
+            for m in members if isinstance(m, dict)) + " — mean of their probabilities"))
     if thr is not None and pos:
         rows.append(("Decision threshold", f"{float(thr):.3f} on p({pos})"))
     elif len(classes) > 2:

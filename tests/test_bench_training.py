@@ -13,8 +13,11 @@ def test_training_benchmarks_run_in_quick_mode(capsys):
     out = capsys.readouterr().out
     for heading in ("decoded-image cache", "feature cache", "scaling"):
         assert heading in out
-    ratios = [float(x) for x in re.findall(r"\| ([0-9.]+)x \|", out)]
-    assert len(ratios) == 4 and all(r > 0 for r in ratios)
+    ratios = [float(x) for x in re.findall(r"\| ([0-9.]+)x(?= \|)", out)]
+    # 4 cached/uncached ratios, then the 2 x 2 ceilings of the where-the-time-goes table
+    assert len(ratios) == 8 and all(r > 0 for r in ratios)
+    assert "Where the time goes" in out
+    assert float(re.search(r"Ceiling for \d+ epochs, set-up excluded: .* = ([0-9.]+)x", out).group(1)) > 0
     speedup = float(re.search(r"speed-up: ([0-9.]+)x", out).group(1))
     assert speedup > 0
     # the cached and uncached head-only runs agree (seeded, no augmentation)

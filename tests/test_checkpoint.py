@@ -120,3 +120,16 @@ def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):
     assert path.read_bytes() == good  # the old best is intact
     assert not list((tmp_path / "run").glob(".*tmp"))  # no temp litter
     load_checkpoint(path)
+
+
+def test_header_length_starting_with_pickle_byte_is_still_a_checkpoint(tmp_path):
+    """A safetensors header length whose low byte is 0x80 (the pickle protocol marker) is valid."""
+    path = make_checkpoint(tmp_path / "run")
+    ck = read_checkpoint(path)
+    for pad in range(256):
+        p = save_checkpoint(tmp_path / "padded", "best", ck.state_dict, {**ck.meta, "pad": "x" * pad})
+        if p.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("no padding gave a header length with low byte 0x80")
+    assert read_checkpoint(p).meta["pad"] == "x" * pad

@@ -110,7 +110,7 @@ def test_disk_cache_is_reused_and_invalidated_by_edits(tmp_path):
 AUG_ONE_AT_A_TIME = {
     "rotation": {"rotation": 20.0}, "hflip": {"hflip": 1.0}, "vflip": {"vflip": 1.0}, "shift": {"shift": 12},
     "blur": {"blur": 2.0, "blur_p": 1.0}, "brightness": {"brightness": 0.5}, "contrast": {"contrast": 0.5},
-    "saturation": {"saturation": 0.9}, "hue": {"hue": 0.3},
+    "saturation": {"saturation": 0.9}, "hue": {"hue": 0.3}, "zoom": {"zoom": 0.3},
 }
 
 
@@ -134,7 +134,7 @@ def test_augmentations_off_is_identity_and_unknown_rejected():
     x = torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8)
     assert torch.equal(build_augment(AugmentConfig.off(), 32)(x), x)
     with pytest.raises(ConfigError, match="unknown augmentation"):
-        AugmentConfig.from_dict({"zoom": 1})
+        AugmentConfig.from_dict({"sharpen": 1})
 
 
 def test_normalize_and_hsv():

@@ -2,6 +2,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from conftest import make_image_folder, shared_data_or_skip
 from deepcovid.checkpoint import load_checkpoint, read_checkpoint
@@ -75,6 +76,78 @@ def test_interrupted_run_resumes_at_the_next_epoch(dataset, tmp_path, monkeypatc
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
 
 
+def test_last_is_written_at_most_every_LAST_EVERY_S_and_never_lost_on_ctrl_c(dataset, tmp_path, monkeypatch):
+    import deepcovid.checkpoint as ck
+    import deepcovid.training as tr
+
+    monkeypatch.setattr(tr, "LAST_EVERY_S", 1e9)
+    writes = []
+    real_save = ck.save_checkpoint
+    monkeypatch.setattr(tr, "save_checkpoint", lambda d, name, sd, meta, **k: (writes.append((name, meta["epoch"])),
+                                                                              real_save(d, name, sd, meta, **k))[1])
+    real = tr.train_one_epoch
+
+    def interrupt_in_epoch_4(*a, **k):
+        if k["epoch"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr, "train_one_epoch", interrupt_in_epoch_4)
+    res = fit({**resolve_config({**FAST, "epochs": 5}), "run_name": "throttled"}, dataset, tmp_path)
+    assert res.interrupted
+    # the first epoch is written at once, epochs 2-3 are held in memory and written on Ctrl-C
+    assert [e for n, e in writes if n == "last"] == [1, 3]
+    last = read_checkpoint(tmp_path / "throttled" / "last.safetensors")
+    assert last.meta["epoch"] == 3 and [r["epoch"] for r in last.meta["history"]] == [1, 2, 3]
+
+    monkeypatch.setattr(tr, "train_one_epoch", real)
+    writes.clear()
+    res2 = fit({"_epochs_explicit": False}, None, tmp_path, resume=tmp_path / "throttled")
+    assert not res2.interrupted and [e for n, e in writes if n == "last"] == [4, 5]
+    assert read_checkpoint(tmp_path / "throttled" / "last.safetensors").meta["epoch"] == 5
+
+
+def test_cosine_schedule_is_a_function_of_the_epoch(dataset, tmp_path):
+    from deepcovid.training import lr_at
+
+    cfg = resolve_config({**FAST, "epochs": 4, "lr": 1e-3, "schedule": "cosine"})
+    assert [round(lr_at(cfg, e), 8) for e in (1, 2, 3, 4)] == [1e-3, 0.00085355, 0.0005, 0.00014645]
+    assert lr_at({**cfg, "schedule": "constant"}, 3) == 1e-3
+    fit({**cfg, "run_name": "cos"}, dataset, tmp_path)
+    rows = list(csv.DictReader((tmp_path / "cos" / "history.csv").open()))
+    assert [float(r["lr"]) for r in rows] == pytest.approx([lr_at(cfg, e) for e in (1, 2, 3, 4)], rel=1e-4)
+    with pytest.raises(ConfigError, match="unknown --schedule"):
+        resolve_config({"schedule": "step"})
+
+
+def test_fixed_threshold_is_stored_and_used_for_selection(dataset, tmp_path):
+    cfg = resolve_config({**FAST, "threshold": "0.5"})
+    res = fit({**cfg, "run_name": "fixed"}, dataset, tmp_path)
+    meta = load_checkpoint(tmp_path / "fixed").meta
+    assert meta["threshold"] == 0.5 and meta["config"]["threshold"] == "0.5"
+    rows = list(csv.DictReader((tmp_path / "fixed" / "history.csv").open()))
+    assert {float(r["val_threshold"]) for r in rows} == {0.5}
+    assert json.loads((res.run_dir / "test_metrics.json").read_text())["threshold"] == 0.5
+    for bad in ("1.5", "0", "best", "nan"):
+        with pytest.raises(ConfigError, match="--threshold"):
+            resolve_config({**FAST, "threshold": bad})
+
+
+def test_head_epochs_train_the_head_before_the_whole_model(dataset, tmp_path):
+    """LP-FT: with lr 0 for the fine-tuning phase, only the linear probe can change the weights."""
+    heads, backbones = [], []
+    for n in (0, 2):
+        cfg = resolve_config({**FAST, "epochs": 1, "lr": 0.0, "head_epochs": n})
+        fit({**cfg, "run_name": f"lp{n}"}, dataset, tmp_path)
+        sd = read_checkpoint(tmp_path / f"lp{n}" / "best.safetensors").state_dict
+        heads.append({k: v for k, v in sd.items() if k.startswith("head.")})
+        backbones.append({k: v for k, v in sd.items() if k.startswith("backbone.") and v.is_floating_point()})
+    assert any(not torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+    assert all(torch.equal(backbones[0][k], backbones[1][k]) for k in backbones[0] if "running" not in k)
+    with pytest.raises(ConfigError, match="--head-epochs"):
+        resolve_config({**FAST, "head_epochs": -1})
+
+
 def test_grid_picks_the_better_trial(dataset, tmp_path):
     trials = parse_grid("lr=0,3e-3")
     assert trials == [{"lr": 0.0}, {"lr": 3e-3}]
@@ -94,7 +167,7 @@ def test_grid_picks_the_better_trial(dataset, tmp_path):
     (["--freeze", "half"], "--freeze"),
     (["--device", "tpu"], "unknown --device"),
     (["--epochs", "0"], "positive integer"),
-    (["--augment", "zoom=1"], "unknown augmentation"),
+    (["--augment", "sharpen=1"], "unknown augmentation"),
     (["--grid", "lr"], "KEY=V1,V2"),
     (["--preset", "magic"], "unknown --preset"),
 ])

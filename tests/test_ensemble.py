@@ -1,0 +1,81 @@
+"""Ensembles: trained as member runs, saved as one self-describing checkpoint that 'best' finds."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_image_folder
+
+from deepcovid.checkpoint import list_checkpoints, load_checkpoint, read_checkpoint
+from deepcovid.errors import CheckpointError, ConfigError
+from deepcovid.inference import Predictor
+from deepcovid.models import EnsembleNet, build_from_meta
+from deepcovid.training import fit_ensemble, resolve_config
+
+FAST = {"arch": "efficientnet_lite0", "weights": "imagenet", "input_size": 64, "batch_size": 8, "epochs": 1,
+        "val_fraction": 0.25, "cache": "memory", "patience": 0, "freeze": "none", "lr": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    make_image_folder(root / "train", {"NORMAL": 12, "PNEUMONIA": 12}, size=72)
+    make_image_folder(root / "test", {"NORMAL": 3, "PNEUMONIA": 3}, size=72, seed=7)
+    out = tmp_path_factory.mktemp("ck")
+    cfg = resolve_config({**FAST, "threshold": "0.5", "ensemble": [{"seed": 1}, {"seed": 2, "freeze": "backbone"}]})
+    res = fit_ensemble({**cfg, "run_name": "ens"}, root, out)
+    return root, out, res
+
+
+def test_best_resolves_to_the_ensemble_and_it_holds_every_member(ensemble_run):
+    root, out, res = ensemble_run
+    assert res.run_dir == out / "ens" and not res.interrupted
+    assert [c["run"] for c in list_checkpoints(out)] == ["ens"]  # members are not candidates for 'best'
+    ens = load_checkpoint("best", out)
+    assert ens.meta["arch"] == "ensemble" and ens.meta["threshold"] == 0.5
+    assert [m["run"] for m in ens.meta["members"]] == ["m1-efficientnet_lite0", "m2-efficientnet_lite0"]
+    for f in ("test_metrics.json", "roc_val.png", "confusion_val.png", "comparison.md"):
+        assert (out / "ens" / f).is_file(), f
+    assert json.loads((out / "ens" / "test_metrics.json").read_text())["n"] == 6
+    # the ensemble's output is the mean of its members' probabilities
+    members = [read_checkpoint(out / "ens" / "members" / m["run"] / "best.safetensors").build_model()
+               for m in ens.meta["members"]]
+    model = ens.build_model()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        want = torch.stack([torch.sigmoid(m(x)) for m in members]).mean(0)
+        got = torch.sigmoid(model(x))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(torch.sigmoid(members[0](x)), torch.sigmoid(members[1](x)))
+
+
+def test_predictor_explains_an_ensemble_through_every_member(ensemble_run):
+    root, out, _ = ensemble_run
+    pred = Predictor.from_checkpoint("best", out, device="cpu")
+    assert [n.split(".")[0] for n in pred.cam_layer_names] == ["0", "1"]
+    img = next((root / "test" / "PNEUMONIA").iterdir())
+    p = pred.predict(img)
+    e = pred.explain(img, activations=True)
+    assert abs(sum(p.probabilities.values()) - 1) < 1e-6
+    assert e.probabilities == pytest.approx(p.probabilities, abs=1e-5)
+    assert e.cam.shape == (64, 64) and 0 <= e.cam.min() and e.cam.max() <= 1 and e.cam.max() > 0
+    assert e.activations and all(name.startswith("0.") for name, _ in e.activations)
+
+
+def test_bad_ensembles_are_refused():
+    with pytest.raises(ConfigError, match="at least two"):
+        resolve_config({**FAST, "ensemble": [{"seed": 1}]})
+    with pytest.raises(ConfigError, match="unknown --optimizer"):
+        resolve_config({**FAST, "ensemble": [{"seed": 1}, {"optimizer": "lbfgs"}]})
+    with pytest.raises(ConfigError, match="at least two members"):
+        EnsembleNet(["efficientnet_lite0"], 1)
+    with pytest.raises(CheckpointError, match="at least two members"):
+        build_from_meta({"arch": "ensemble", "classes": ["A", "B"], "members": [{"arch": "resnet50"}]})
+
+
+def test_model_card_lists_the_members(ensemble_run):
+    from deepcovid.webapp import model_card_markdown
+
+    _, out, _ = ensemble_run
+    md = model_card_markdown(list_checkpoints(out)[0])
+    assert "Ensemble of" in md and "m1-efficientnet_lite0" in md and "m2-efficientnet_lite0" in md
