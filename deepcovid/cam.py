@@ -166,6 +166,34 @@ class _HookSet:
         return False
 
 
+class InferenceView(nn.Module):
+    """A model that is always in eval mode and has no parameter gradients, as grad-cam sees it.
+
+    grad-cam walks the whole module tree twice a call: ``model.eval()`` when a CAM object is
+    built and ``model.zero_grad()`` before each backward. For such a model both are no-ops, yet
+    they cost about 3 ms an explanation (efficientnet_lite0, 2 cores; a bare forward is ~18 ms),
+    so this view skips them. Putting it in training mode is an error, not a silent no-op.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if model.training or any(p.requires_grad for p in model.parameters()):
+            raise ValueError("InferenceView needs a model in eval mode with requires_grad_(False)")
+        self.inner = model
+        self.training = False
+
+    def forward(self, x):
+        return self.inner(x)
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError("an inference model cannot be put in training mode")
+        return self
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        return None
+
+
 class GraphCut(_HookSet):
     """Start the autograd graph at ``layers``' outputs.
 
@@ -325,18 +353,18 @@ def activation_grid(activation: torch.Tensor, layer_name: str, n_channels: int =
     (text_w, _), _ = cv2.getTextSize(label, font, scale, 1)
     width = max(cols * (tw + pad) + pad, text_w + 8)
     height = header + rows * (th + pad) + pad
-    gray = np.zeros((height, width), dtype=np.uint8)
-    inside = np.zeros((height, width), dtype=bool)
     interp = cv2.INTER_NEAREST if h < th else cv2.INTER_AREA
     u8 = np.clip(np.rint(maps * 255), 0, 255).astype(np.uint8)
+    # The tiles stacked in one column: one colour-map call for all of them, then each pasted onto
+    # a dark-grey canvas (masking the background of a coloured full grid instead cost more than
+    # the rest of the function together).
+    column = np.concatenate([cv2.resize(u8[k], (tw, th), interpolation=interp) for k in range(n)])
+    coloured = cv2.cvtColor(cv2.applyColorMap(column, check_colormap(colormap)), cv2.COLOR_BGR2RGB)
+    grid = np.full((height, width, 3), 24, dtype=np.uint8)
     for k in range(n):
         r, col = divmod(k, cols)
         y0 = header + pad + r * (th + pad)
         x0 = pad + col * (tw + pad)
-        gray[y0:y0 + th, x0:x0 + tw] = cv2.resize(u8[k], (tw, th), interpolation=interp)
-        inside[y0:y0 + th, x0:x0 + tw] = True
-    # one colour-map call for the whole grid, then the background back to dark grey
-    grid = cv2.cvtColor(cv2.applyColorMap(gray, check_colormap(colormap)), cv2.COLOR_BGR2RGB)
-    grid[~inside] = 24
+        grid[y0:y0 + th, x0:x0 + tw] = coloured[k * th:(k + 1) * th]
     cv2.putText(grid, label, (4, 18), font, scale, (255, 255, 255), 1, cv2.LINE_AA)
     return grid

@@ -219,8 +219,7 @@ def resolve_checkpoint(spec: str | os.PathLike, checkpoints_dir: str | os.PathLi
         if not found:
             raise CheckpointError(
                 f"no checkpoint found under {checkpoints_dir!s}/. Train one first, for example:\n"
-                "  deepcovid train --data ../shared/data/chest_xray --arch efficientnet_lite0 --epochs 2 "
-                f"--output {checkpoints_dir!s}"
+                f"  deepcovid train --data ../shared/data/chest_xray --preset cpu-fast --output {checkpoints_dir!s}"
             )
         return Path(found[0]["path"])
     p = Path(s).expanduser()

@@ -316,12 +316,17 @@ class DecodedImages:
 
 
 class XRayDataset(Dataset):
-    """(normalised image tensor (3,S,S), label) pairs from ``DecodedImages``."""
+    """(image tensor (3,S,S), label) pairs from ``DecodedImages``: normalised float, or with
+    ``normalize=False`` the augmented uint8 image, for the training loop to normalise a whole
+    batch on the device (a quarter of the bytes through the loader's shared memory and the
+    host-to-device copy; benchmarks/bench_gpu.py)."""
 
-    def __init__(self, images: DecodedImages, mean, std, color_space: str = "rgb", augment=None):
+    def __init__(self, images: DecodedImages, mean, std, color_space: str = "rgb", augment=None,
+                 normalize: bool = True):
         self.images = images
         self.mean, self.std, self.color_space = mean, std, color_space
         self.augment = augment
+        self.normalize = normalize
         self.labels = [s.label for s in images.samples]
 
     def __len__(self) -> int:
@@ -333,4 +338,6 @@ class XRayDataset(Dataset):
         x = torch.from_numpy(np.ascontiguousarray(self.images.get(i))).permute(2, 0, 1)
         if self.augment is not None:
             x = self.augment(x)
+        if not self.normalize:
+            return x.contiguous(), self.labels[i]
         return normalize(x, self.mean, self.std, self.color_space), self.labels[i]

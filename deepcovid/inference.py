@@ -203,6 +203,7 @@ class Predictor:
         self.cam_layer_names: tuple[str, ...] = tuple(cam_layers or self.spec.cam_layers)
         self.activation_layer_names: tuple[str, ...] = tuple(self.spec.activation_layers)
         self._cam_layers = [camlib.resolve_layer(self.model.backbone, n) for n in self.cam_layer_names]
+        self._cam_view = camlib.InferenceView(self.model)
         self._compiled = None
         self._onnx = None
         if self.backend == "compile":
@@ -426,7 +427,7 @@ class Predictor:
                     stack.enter_context(target)
                 stack.enter_context(camlib.GraphCut(self._cam_layers))
                 recorder = stack.enter_context(camlib.ActivationRecorder(self.model.backbone, act_names))
-                cam = stack.enter_context(cam_cls(model=self.model, target_layers=self._cam_layers))
+                cam = stack.enter_context(cam_cls(model=self._cam_view, target_layers=self._cam_layers))
                 try:
                     grayscale = cam(input_tensor=xd, targets=[target])
                 except IndexError as exc:

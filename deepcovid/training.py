@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import itertools
 import json
@@ -73,13 +74,16 @@ DEFAULTS: dict = {
     "balance": "weighted-loss",
     "label_smoothing": 0.0,
     "device": "auto",
-    "workers": None,         # None: 0 on CPU (the cores are busy with the model), 4 on CUDA
+    "workers": None,         # None: 0 on CPU (the cores are busy with the model); on CUDA all cores but one
     "cache": "disk",
     "cache_dir": None,
     "positive_class": None,
     "max_train_batches": None,  # cap per epoch (smoke runs and tests)
     "feature_cache": True,   # frozen backbone: compute features once, train the head on them
     "feature_views": 4,      # augmented views cached per image (1 when augmentation is off)
+    # torch.compile the training step (CUDA: fewer kernel launches and fused element-wise work;
+    # costs a compile of a minute or more at the start, so off by default).
+    "compile": False,
 }
 
 PRESETS: dict[str, dict] = {
@@ -198,6 +202,16 @@ def select_device(name: str = "auto") -> torch.device:
     return resolve_device(name)
 
 
+def default_workers(device: torch.device) -> int:
+    """Data-loader processes: none on the CPU, whose cores run the model; on CUDA every core but
+    the one that drives the GPU, since per-image augmentation is what feeds it (benchmarks/bench_gpu.py)."""
+    if device.type != "cuda":
+        return 0
+    from .device import available_threads
+
+    return max(1, min(available_threads() - 1, 16))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -256,19 +270,35 @@ def logits_to_probs(logits: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 def train_one_epoch(model, loader, criterion, optimizer, device, *, epoch: int, amp=None, scaler=None,
-                    max_batches: int | None = None, aux_weight: float = 0.4, desc: str = "train"):
-    """One pass over ``loader``; returns (mean loss, labels, probabilities)."""
+                    max_batches: int | None = None, aux_weight: float = 0.4, desc: str = "train",
+                    sync_every: int | None = None, prepare=None):
+    """One pass over ``loader``; returns (mean loss, labels, probabilities).
+
+    The loss check and the progress bar read the loss on the host every ``sync_every`` batches
+    (default: every batch on the CPU, where reading is free; every 20 on an accelerator, where
+    each read waits for the device and stops the host from queueing the next step).
+    ``prepare`` turns a batch on the device into the model's input (``batch_normalizer``)."""
     model.train()
     amp = amp or nullcontext
     channels_last = device.type in ("cuda", "cpu")
-    total, n = 0.0, 0
+    sync_every = sync_every or (1 if device.type == "cpu" else 20)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)  # MPS has no float64
+    n = 0
     all_probs, all_labels = [], []
     total_batches = len(loader) if max_batches is None else min(len(loader), max_batches)
     bar = progress(loader, total=total_batches, desc=f"{desc} epoch {epoch}", unit="batch", leave=False)
+
+    def check(loss_sum: torch.Tensor) -> None:
+        mean = loss_sum.item() / max(n, 1)
+        if not math.isfinite(mean):
+            raise FloatingPointError(f"loss became {mean} at epoch {epoch}; lower --lr")
+        bar.set_postfix(loss=f"{mean:.4f}")
+
     for i, (x, y) in enumerate(bar):
         if max_batches is not None and i >= max_batches:
             break
-        x = x.to(device, non_blocking=True).float()  # cached activations are float16
+        x = x.to(device, non_blocking=True)
+        x = prepare(x) if prepare is not None else x.float()  # cached activations are float16
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
@@ -288,18 +318,18 @@ def train_one_epoch(model, loader, criterion, optimizer, device, *, epoch: int, 
         else:
             loss.backward()
             optimizer.step()
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}; lower --lr")
-        total += loss.item() * len(y)
+        loss_sum += loss.detach() * len(y)
         n += len(y)
-        all_probs.append(logits_to_probs(logits.detach()).cpu())
-        all_labels.append(y.cpu())
-        bar.set_postfix(loss=f"{total / max(n, 1):.4f}")
+        all_probs.append(logits_to_probs(logits.detach()))
+        all_labels.append(y)
+        if (i + 1) % sync_every == 0:
+            check(loss_sum)
+    check(loss_sum)
     bar.close()
-    return total / max(n, 1), torch.cat(all_labels).numpy(), torch.cat(all_probs).numpy()
+    return loss_sum.item() / max(n, 1), torch.cat(all_labels).cpu().numpy(), torch.cat(all_probs).cpu().numpy()
 
 
-def evaluate(model, loader, criterion, device, *, amp=None, desc: str = "val"):
+def evaluate(model, loader, criterion, device, *, amp=None, desc: str = "val", prepare=None):
     """Returns (mean loss, labels, probabilities) under ``torch.inference_mode``."""
     model.eval()
     amp = amp or nullcontext
@@ -307,7 +337,8 @@ def evaluate(model, loader, criterion, device, *, amp=None, desc: str = "val"):
     all_probs, all_labels = [], []
     with torch.inference_mode():
         for x, y in progress(loader, desc=desc, unit="batch", leave=False):
-            x = x.to(device, non_blocking=True).float()
+            x = x.to(device, non_blocking=True)
+            x = prepare(x) if prepare is not None else x.float()
             if device.type in ("cuda", "cpu") and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
@@ -395,6 +426,21 @@ def _write_history(run_dir: Path, history: list[dict]) -> None:
     atomic_write_text(run_dir / "history.csv", buf.getvalue())
 
 
+def batch_normalizer(mean, std, color_space: str):
+    """uint8 (B,3,H,W) on any device -> the model's normalised float input."""
+    from .transforms import normalize
+
+    return functools.partial(normalize, mean=mean, std=std, color_space=color_space)
+
+
+def _worker_init(_: int) -> None:
+    # A loader process runs one image at a time: OpenCV's own thread pool (one thread per core
+    # in every worker) only oversubscribes the cores the other workers need.
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 def _loaders(splits, spec_cfg: dict, cfg: dict, device: torch.device, images_train, images_val):
     from torch.utils.data import DataLoader, WeightedRandomSampler
 
@@ -404,10 +450,12 @@ def _loaders(splits, spec_cfg: dict, cfg: dict, device: torch.device, images_tra
     aug_cfg = AugmentConfig.off() if cfg["no_augment"] else AugmentConfig.from_dict(cfg["augment"])
     augment = build_augment(aug_cfg, spec_cfg["input_size"])
     mean, std = spec_cfg["mean"], spec_cfg["std"]
-    train_ds = XRayDataset(images_train, mean, std, cfg["color_space"], augment)
-    val_ds = XRayDataset(images_val, mean, std, cfg["color_space"], None)
-    workers = cfg["workers"] if cfg["workers"] is not None else (4 if device.type == "cuda" else 0)
-    common = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    # The loaders yield uint8 images; ``prepare`` normalises each batch where the model runs.
+    train_ds = XRayDataset(images_train, mean, std, cfg["color_space"], augment, normalize=False)
+    val_ds = XRayDataset(images_val, mean, std, cfg["color_space"], None, normalize=False)
+    workers = cfg["workers"] if cfg["workers"] is not None else default_workers(device)
+    common = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                  worker_init_fn=_worker_init if workers > 0 else None)
     g = torch.Generator().manual_seed(cfg["seed"])
     sampler = None
     if cfg["balance"] == "sampler":
@@ -417,7 +465,7 @@ def _loaders(splits, spec_cfg: dict, cfg: dict, device: torch.device, images_tra
     train_loader = DataLoader(train_ds, batch_size=cfg["batch_size"], shuffle=sampler is None, sampler=sampler,
                               generator=g, drop_last=len(train_ds) > cfg["batch_size"], **common)
     val_loader = DataLoader(val_ds, batch_size=cfg["batch_size"] * 2, shuffle=False, **common)
-    return train_loader, val_loader, aug_cfg
+    return train_loader, val_loader, aug_cfg, batch_normalizer(mean, std, cfg["color_space"])
 
 
 def _feature_key(cfg: dict, arch: str, input_size: int, data_meta: dict, aug_cfg) -> str | None:
@@ -447,7 +495,7 @@ class FeatureCache:
         self.train, self.train_y, self.val, self.val_y = train, train_y, val, val_y
 
     @staticmethod
-    def _extract(prefix, dataset, device, amp, batch_size: int, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _extract(prefix, dataset, device, amp, batch_size: int, desc: str, prepare=None) -> tuple[torch.Tensor, torch.Tensor]:
         from torch.utils.data import DataLoader
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
         feats, labels = [], []
@@ -455,6 +503,8 @@ class FeatureCache:
         with torch.inference_mode():
             for x, y in progress(loader, desc=desc, unit="batch", leave=False):
                 x = x.to(device, non_blocking=True)
+                if prepare is not None:
+                    x = prepare(x)
                 if device.type in ("cuda", "cpu"):
                     x = x.contiguous(memory_format=torch.channels_last)
                 with amp():
@@ -464,7 +514,8 @@ class FeatureCache:
         return torch.cat(feats), torch.cat(labels)
 
     @classmethod
-    def build(cls, prefix, train_ds, val_ds, cfg: dict, device, amp, cache_key: str | None = None) -> "FeatureCache":
+    def build(cls, prefix, train_ds, val_ds, cfg: dict, device, amp, cache_key: str | None = None,
+              prepare=None) -> "FeatureCache":
         from .data import default_cache_dir
 
         path = None
@@ -487,9 +538,9 @@ class FeatureCache:
                  views, len(train_ds), len(val_ds))
         for v in range(views):
             seed_everything(cfg["seed"] * 7919 + v)  # each view's augmentations are repeatable
-            f, y = cls._extract(prefix, train_ds, device, amp, bs, f"features view {v + 1}/{views}")
+            f, y = cls._extract(prefix, train_ds, device, amp, bs, f"features view {v + 1}/{views}", prepare)
             train_views.append(f)
-        val, val_y = cls._extract(prefix, val_ds, device, amp, bs, "features val")
+        val, val_y = cls._extract(prefix, val_ds, device, amp, bs, "features val", prepare)
         fc = cls(torch.stack(train_views), y, val, val_y)
         if path is not None:
             from safetensors.torch import save
@@ -521,12 +572,13 @@ class FeatureCache:
         return (lambda epoch: loaders[(epoch - 1) % len(loaders)]), val
 
 
-def linear_probe(model, train_ds, val_ds, criterion, eval_criterion, cfg: dict, device, amp) -> None:
+def linear_probe(model, train_ds, val_ds, criterion, eval_criterion, cfg: dict, device, amp, prepare=None) -> None:
     """The LP of LP-FT: train ``model.head`` alone for ``cfg["head_epochs"]`` epochs on pooled
     backbone features computed once (one augmented view), before the whole model fine-tunes."""
     prefix, head = model.split_frozen("backbone")
     n = int(cfg["head_epochs"])
-    feats = FeatureCache.build(prefix, train_ds, val_ds, {**cfg, "feature_views": 1, "epochs": n}, device, amp)
+    feats = FeatureCache.build(prefix, train_ds, val_ds, {**cfg, "feature_views": 1, "epochs": n}, device, amp,
+                               prepare=prepare)
     train_loader, val_loader = feats.loaders(cfg, device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.01)
     for epoch in range(1, n + 1):
@@ -581,7 +633,7 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
     if resume is not None:
         run_dir = Path(resume)
         last = read_checkpoint(run_dir / "last.safetensors")
-        saved = dict(last.meta["config"])
+        saved = {**DEFAULTS, **last.meta["config"]}  # options added since the run was saved keep their defaults
         # --epochs may extend a resumed run; everything else comes from the saved run.
         saved["epochs"] = max(cfg.get("epochs") or saved["epochs"], saved["epochs"]) if cfg.get("_epochs_explicit") else saved["epochs"]
         cfg = saved
@@ -636,7 +688,7 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
 
     data_meta = {**splits.describe(), "train_counts": train_counts, "val_counts": val_counts,
                  "skipped": img_train.bad + img_val.bad}
-    train_loader, val_loader, aug_cfg = _loaders(splits, spec_cfg, cfg, device, img_train, img_val)
+    train_loader, val_loader, aug_cfg, prepare = _loaders(splits, spec_cfg, cfg, device, img_train, img_val)
     criterion = make_criterion(len(classes), list(train_counts.values()), cfg["balance"], cfg["label_smoothing"]).to(device)
     eval_criterion = make_criterion(len(classes), list(train_counts.values()), cfg["balance"], 0.0).to(device)
     if device.type in ("cuda", "cpu"):
@@ -653,7 +705,7 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
     amp, use_scaler = autocast_for(device)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     if cfg["head_epochs"] and resume_state is None and parse_freeze(cfg["freeze"]) != "backbone":
-        linear_probe(model, train_loader.dataset, val_loader.dataset, criterion, eval_criterion, cfg, device, amp)
+        linear_probe(model, train_loader.dataset, val_loader.dataset, criterion, eval_criterion, cfg, device, amp, prepare)
     step_model = model
     split = model.split_frozen(cfg["freeze"]) if cfg["feature_cache"] else None
     if split is not None:
@@ -661,9 +713,13 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
         # per (augmented) view, then train only the rest on it (benchmarks/bench_training.py).
         prefix, step_model = split
         feats = FeatureCache.build(prefix, train_loader.dataset, val_loader.dataset, cfg, device, amp,
-                                   cache_key=_feature_key(cfg, arch, input_size, data_meta, aug_cfg))
+                                   cache_key=_feature_key(cfg, arch, input_size, data_meta, aug_cfg), prepare=prepare)
         train_loader, val_loader = feats.loaders(cfg, device)
+        prepare = None  # cached outputs are already what the trained part takes
 
+    # Only the training step is compiled: evaluation (other mode, other batch sizes) would
+    # recompile, and the checkpoint saves the plain module's names.
+    train_model = torch.compile(step_model) if cfg["compile"] else step_model
     resolved = {**cfg, "input_size": input_size, "augment": aug_cfg.to_dict(), "classes": classes,
                 "positive_class": splits.positive_class}
     atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
@@ -688,9 +744,10 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
                 group["lr"] = lr_at(cfg, epoch)
             t0 = time.perf_counter()
             epoch_loader = train_loader(epoch) if callable(train_loader) else train_loader
-            tr_loss, tr_y, tr_p = train_one_epoch(step_model, epoch_loader, criterion, optimizer, device, epoch=epoch,
-                                                  amp=amp, scaler=scaler, max_batches=cfg["max_train_batches"])
-            va_loss, va_y, va_p = evaluate(step_model, val_loader, eval_criterion, device, amp=amp)
+            tr_loss, tr_y, tr_p = train_one_epoch(train_model, epoch_loader, criterion, optimizer, device, epoch=epoch,
+                                                  amp=amp, scaler=scaler, max_batches=cfg["max_train_batches"],
+                                                  prepare=prepare)
+            va_loss, va_y, va_p = evaluate(step_model, val_loader, eval_criterion, device, amp=amp, prepare=prepare)
             threshold = (fixed_threshold if fixed_threshold is not None else best_f1_threshold(va_y, va_p)) if binary else None
             tr_m = compute_metrics(tr_y, tr_p, classes, 0.5)
             va_m05 = compute_metrics(va_y, va_p, classes, 0.5)
@@ -1015,13 +1072,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--positive-class", help="the positive class for two classes (default: the one not named NORMAL)")
     p.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, mps")
-    p.add_argument("--workers", type=int, help="data-loader worker processes (default: 0 on CPU, 4 on CUDA)")
+    p.add_argument("--workers", type=int, help="data-loader worker processes (default: 0 on CPU, all cores but one on CUDA)")
     p.add_argument("--cache", help="decoded-image cache: disk (default), memory, off")
     p.add_argument("--cache-dir", type=Path, help="where the disk cache lives (default: ~/.cache/deepcovid)")
     p.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=None,
                    help="run the frozen layers every epoch instead of caching their outputs once per augmented view "
                         "(the cache is used with --freeze backbone, and with --freeze N for efficientnet_lite0/resnet50)")
     p.add_argument("--feature-views", type=int, help="augmented views per image in the feature cache (default 4)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the training step (worth it on CUDA; about a minute of compiling first)")
     p.add_argument("--max-train-batches", type=int, help="cap training batches per epoch (smoke tests)")
     p.add_argument("--run-name", help="run folder name (default: TIMESTAMP-ARCH)")
     p.add_argument("--grid", help="grid search, e.g. 'lr=1e-4,1e-3;batch_size=16,32;optimizer=adam,sgd;arch=resnet50;weights=imagenet'")

@@ -57,8 +57,7 @@ log = logging.getLogger(__name__)
 TITLE = "deepcovid — chest X-ray classifier with Grad-CAM (research use only)"
 DISCLAIMER = ("Research use only — not a medical device. "
               "The heatmap shows what drove the model, not where disease is.")
-TRAIN_COMMAND = ("deepcovid train --data ../shared/data/chest_xray --arch efficientnet_lite0 "
-                 "--epochs 2 --output checkpoints")
+TRAIN_COMMAND = "deepcovid train --data ../shared/data/chest_xray --preset cpu-fast --output checkpoints"
 FILE_TYPES = [".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"]
 DEFAULT_MAX_FILE_SIZE = "50mb"
 DEFAULT_CONCURRENCY = 2

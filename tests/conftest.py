@@ -95,3 +95,16 @@ def shared_data_or_skip() -> Path:
     if not (SHARED_DATA / "train").is_dir():
         pytest.skip(f"real data not present at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _restore_deepcovid_logger():
+    """The CLI's setup_logging() stops the 'deepcovid' logger propagating (so a console run does not
+    print twice); put it back after each test so later tests' caplog still sees its records."""
+    import logging
+
+    logger = logging.getLogger("deepcovid")
+    state = (logger.propagate, list(logger.handlers), logger.level)
+    yield
+    logger.propagate, logger.handlers[:] = state[0], state[1]
+    logger.setLevel(state[2])

@@ -189,3 +189,29 @@ def test_graph_cut_makes_the_layer_output_a_leaf_and_backward_stays_in_the_tail(
     # Under no_grad (Score-CAM's scoring forwards) the hook leaves outputs alone.
     with camlib.GraphCut([cut]), torch.no_grad():
         assert not model(torch.randn(1, 3, 8, 8)).requires_grad
+
+
+def test_inference_view_skips_grad_cams_tree_walks_and_refuses_training():
+    from pytorch_grad_cam import GradCAM
+
+    from deepcovid.cam import InferenceView
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="eval mode"):
+        InferenceView(net)  # still in training mode, with parameter gradients
+    net.eval().requires_grad_(False)
+    view = InferenceView(net)
+    assert view.eval() is view and not view.training
+    with pytest.raises(RuntimeError, match="training mode"):
+        view.train()
+    x = torch.randn(1, 3, 12, 12)
+    assert torch.equal(view(x), net(x))
+    # grad-cam's eval() and zero_grad() calls reach neither the model nor its modules
+    calls = []
+    net.train = lambda mode=True: calls.append(("train", mode))
+    net.zero_grad = lambda *a, **k: calls.append(("zero_grad",))
+    with GradCAM(model=view, target_layers=[net[1]]) as cam:
+        cam.model.zero_grad()
+    assert calls == []

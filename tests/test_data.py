@@ -157,3 +157,22 @@ def test_real_folder_discovery_and_patient_split():
     assert {x.patient for x in s.train}.isdisjoint({x.patient for x in s.val})
     assert 0.07 < len(s.val) / 5216 < 0.13
     assert counts(s.test, s.classes) == {"NORMAL": 117, "PNEUMONIA": 195}
+
+
+def test_uint8_loader_batches_normalised_on_the_device_match_the_per_image_path(tmp_path):
+    from deepcovid.data import XRayDataset
+    from deepcovid.training import batch_normalizer
+
+    make_image_folder(tmp_path / "train", {"NORMAL": 3, "PNEUMONIA": 3}, size=24)
+    _, samples = discover(tmp_path / "train")
+    imgs = DecodedImages(samples, 24, "memory")
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    for cs in ("rgb", "hsv"):
+        per_image = XRayDataset(imgs, mean, std, cs)
+        raw = XRayDataset(imgs, mean, std, cs, normalize=False)
+        x, label = raw[2]
+        assert x.dtype == torch.uint8 and x.shape == (3, 24, 24) and label == per_image[2][1]
+        batch = torch.stack([raw[i][0] for i in range(len(raw))])
+        out = batch_normalizer(mean, std, cs)(batch)
+        ref = torch.stack([per_image[i][0] for i in range(len(per_image))])
+        assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-6)

@@ -67,6 +67,11 @@ def test_interrupted_run_resumes_at_the_next_epoch(dataset, tmp_path, monkeypatc
     last = read_checkpoint(tmp_path / "resumable" / "last.safetensors")
     assert last.meta["epoch"] == 1 and "optimizer" in last.meta and any(k.startswith("optim.") for k in last.extra)
 
+    # a run saved before an option existed resumes with that option's default
+    from deepcovid.checkpoint import save_checkpoint
+
+    old_meta = {**last.meta, "config": {k: v for k, v in last.meta["config"].items() if k not in ("compile", "threshold")}}
+    save_checkpoint(tmp_path / "resumable", "last", last.state_dict, old_meta, extra_tensors=last.extra)
     monkeypatch.setattr(tr, "train_one_epoch", real)
     seen = []
     monkeypatch.setattr(tr, "train_one_epoch", lambda *a, **k: (seen.append(k["epoch"]), real(*a, **k))[1])
@@ -271,3 +276,62 @@ def test_split_frozen_is_exact():
         assert sum(p.numel() for p in rest.parameters() if p.requires_grad) == sum(
             p.numel() for p in m.parameters() if p.requires_grad)
     assert build_model("inception_v3", 2, freeze=2).split_frozen(2) is None
+
+
+def test_loss_is_read_every_sync_every_batches_and_a_nan_still_stops_the_epoch():
+    import math
+
+    from deepcovid.training import train_one_epoch
+
+    torch.manual_seed(0)
+    x, y = torch.randn(24, 6), torch.randint(0, 2, (24,))
+    loader = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 24, 4)]
+
+    def run(sync_every, nan_at=None):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 1)
+        reads = []
+
+        class Crit(torch.nn.Module):
+            calls = 0
+
+            def forward(self, logits, target):
+                Crit.calls += 1
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.view(-1), target.float())
+                return loss * float("nan") if Crit.calls == nan_at else loss
+
+        opt = torch.optim.SGD(model.parameters(), 0.1)
+        real_item = torch.Tensor.item
+
+        def counting_item(t):
+            reads.append(1)
+            return real_item(t)
+
+        torch.Tensor.item = counting_item
+        try:
+            loss, labels, probs = train_one_epoch(model, loader, Crit(), opt, torch.device("cpu"), epoch=1,
+                                                  sync_every=sync_every)
+        finally:
+            torch.Tensor.item = real_item
+        return loss, labels, probs, len(reads)
+
+    l1, y1, p1, reads1 = run(1)
+    l3, y3, p3, reads3 = run(3)
+    # same training, fewer host reads: one per 3 batches plus the epoch's end (6 batches: 2 + 1 + 1)
+    assert l1 == pytest.approx(l3) and (y1 == y3).all() and p1 == pytest.approx(p3) and math.isfinite(l1)
+    assert reads1 == 6 + 2 and reads3 == 2 + 2
+    with pytest.raises(FloatingPointError, match="loss became nan at epoch 1"):
+        run(3, nan_at=2)
+
+
+def test_compile_flag_and_worker_defaults():
+    import argparse
+
+    from deepcovid.training import add_arguments, config_from_args, default_workers
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert config_from_args(p.parse_args(["--compile"]))["compile"] is True
+    assert config_from_args(p.parse_args([]))["compile"] is False
+    assert default_workers(torch.device("cpu")) == 0
+    assert default_workers(torch.device("cuda")) >= 1

@@ -20,7 +20,7 @@ from conftest import REPO, make_checkpoint, make_image_folder, synthetic_xray
 
 pytestmark = pytest.mark.timeout(300)
 
-TRAIN_CMD = "deepcovid train --data ../shared/data/chest_xray --arch efficientnet_lite0 --epochs 2 --output"
+TRAIN_CMD = "deepcovid train --data ../shared/data/chest_xray --preset cpu-fast --output"
 
 
 def free_port() -> int:
