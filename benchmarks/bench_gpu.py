@@ -186,7 +186,7 @@ def run(args) -> list[tuple[str, float | None, str]]:
         row(f"loader alone: float32 from {workers} workers",
             lambda: _loader_only(_loader(cache, dc, b, workers, True, device, uint8=False), device, ep))
         row(f"loader alone: uint8 from {workers} workers", lambda: _loader_only(_loader(cache, dc, b, workers, True, device), device, ep))
-        row(f"loader alone: uint8, no augmentation", lambda: _loader_only(_loader(cache, dc, b, workers, False, device), device, ep))
+        row("loader alone: uint8, no augmentation", lambda: _loader_only(_loader(cache, dc, b, workers, False, device), device, ep))
         row(f"train: decoded cache, float32 from {old_workers} workers (before)",
             lambda: train(model, _loader(cache, dc, b, old_workers, True, device, uint8=False), ep))
         row(f"train: JPEG decoded every epoch, uint8, {workers} workers",
