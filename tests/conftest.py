@@ -33,6 +33,11 @@ def synthetic_xray(rng: np.random.Generator, size: int, positive: bool) -> np.nd
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
+# A seconds-long training config for tests: real offline ImageNet weights, tiny inputs.
+FAST_TRAIN = {"arch": "efficientnet_lite0", "weights": "imagenet", "input_size": 32, "batch_size": 8, "epochs": 2,
+              "val_fraction": 0.25, "cache": "memory", "patience": 0, "freeze": "none", "lr": 1e-3}
+
+
 def make_image_folder(root: Path, counts: dict[str, int], size: int = 64, seed: int = 0,
                       images_per_patient: int = 2, ext: str = ".jpeg") -> Path:
     """Write ROOT/<CLASS>/<patient>-<k><ext> images. Classes whose name is not NORMAL are 'positive'."""

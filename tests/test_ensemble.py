@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_image_folder
+from conftest import FAST_TRAIN, make_image_folder
 
 from deepcovid.checkpoint import list_checkpoints, load_checkpoint, read_checkpoint
 from deepcovid.errors import CheckpointError, ConfigError
@@ -12,8 +12,7 @@ from deepcovid.inference import Predictor
 from deepcovid.models import EnsembleNet, build_from_meta
 from deepcovid.training import fit_ensemble, resolve_config
 
-FAST = {"arch": "efficientnet_lite0", "weights": "imagenet", "input_size": 64, "batch_size": 8, "epochs": 1,
-        "val_fraction": 0.25, "cache": "memory", "patience": 0, "freeze": "none", "lr": 1e-3}
+FAST = {**FAST_TRAIN, "input_size": 64, "epochs": 1}
 
 
 @pytest.fixture(scope="module")

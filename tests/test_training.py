@@ -4,14 +4,13 @@ import json
 import pytest
 import torch
 
-from conftest import make_image_folder, shared_data_or_skip
+from conftest import FAST_TRAIN, make_image_folder, shared_data_or_skip
 from deepcovid.checkpoint import load_checkpoint, read_checkpoint
 from deepcovid.cli import main
 from deepcovid.errors import ConfigError
 from deepcovid.training import fit, parse_grid, resolve_config, run_many, write_leaderboard
 
-FAST = {"arch": "efficientnet_lite0", "weights": "imagenet", "input_size": 32, "batch_size": 8, "epochs": 2,
-        "val_fraction": 0.25, "cache": "memory", "patience": 0, "freeze": "none", "lr": 1e-3}
+FAST = FAST_TRAIN
 
 
 @pytest.fixture(scope="module")
