@@ -190,6 +190,15 @@ def threshold_rule(cfg: dict) -> float | None:
     return t
 
 
+def choose_threshold(cfg: dict, y, p, binary: bool) -> float | None:
+    """The decision threshold a run stores: the fixed one, else the F1-optimal one on (y, p);
+    None (argmax) for more than two classes."""
+    if not binary:
+        return None
+    fixed = threshold_rule(cfg)
+    return fixed if fixed is not None else best_f1_threshold(y, p)
+
+
 def split_seed(cfg: dict) -> int:
     """The train/validation split's seed: ``split_seed`` when set (ensemble members with their
     own training seed keep the ensemble's split, also on --resume), else ``seed``."""
@@ -269,6 +278,17 @@ def logits_to_probs(logits: torch.Tensor) -> torch.Tensor:
 # One epoch / evaluation
 # ---------------------------------------------------------------------------------------
 
+def model_input(x: torch.Tensor, device: torch.device, prepare=None) -> torch.Tensor:
+    """A loader batch as the model takes it: on ``device``, through ``prepare`` (uint8 images ->
+    normalised float, see ``batch_normalizer``) or else as float (cached activations are
+    float16), and channels_last for image batches on CUDA and the CPU."""
+    x = x.to(device, non_blocking=True)
+    x = prepare(x) if prepare is not None else x.float()
+    if device.type in ("cuda", "cpu") and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def train_one_epoch(model, loader, criterion, optimizer, device, *, epoch: int, amp=None, scaler=None,
                     max_batches: int | None = None, aux_weight: float = 0.4, desc: str = "train",
                     sync_every: int | None = None, prepare=None):
@@ -280,7 +300,6 @@ def train_one_epoch(model, loader, criterion, optimizer, device, *, epoch: int, 
     ``prepare`` turns a batch on the device into the model's input (``batch_normalizer``)."""
     model.train()
     amp = amp or nullcontext
-    channels_last = device.type in ("cuda", "cpu")
     sync_every = sync_every or (1 if device.type == "cpu" else 20)
     loss_sum = torch.zeros((), device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)  # MPS has no float64
     n = 0
@@ -297,10 +316,7 @@ def train_one_epoch(model, loader, criterion, optimizer, device, *, epoch: int, 
     for i, (x, y) in enumerate(bar):
         if max_batches is not None and i >= max_batches:
             break
-        x = x.to(device, non_blocking=True)
-        x = prepare(x) if prepare is not None else x.float()  # cached activations are float16
-        if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = model_input(x, device, prepare)
         y = y.to(device, non_blocking=True)
         with amp():
             out = model(x)
@@ -337,10 +353,7 @@ def evaluate(model, loader, criterion, device, *, amp=None, desc: str = "val", p
     all_probs, all_labels = [], []
     with torch.inference_mode():
         for x, y in progress(loader, desc=desc, unit="batch", leave=False):
-            x = x.to(device, non_blocking=True)
-            x = prepare(x) if prepare is not None else x.float()
-            if device.type in ("cuda", "cpu") and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = model_input(x, device, prepare)
             y = y.to(device, non_blocking=True)
             with amp():
                 logits = model(x)
@@ -502,11 +515,7 @@ class FeatureCache:
         prefix.eval()
         with torch.inference_mode():
             for x, y in progress(loader, desc=desc, unit="batch", leave=False):
-                x = x.to(device, non_blocking=True)
-                if prepare is not None:
-                    x = prepare(x)
-                if device.type in ("cuda", "cpu"):
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = model_input(x, device, prepare)
                 with amp():
                     out = prefix(x)
                 feats.append((out.half() if out.dim() == 4 else out.float()).cpu().contiguous())
@@ -729,7 +738,6 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
         "config": cfg, "versions": versions(), "data": data_meta, "run": run_dir.name,
     }
     binary = len(classes) == 2
-    fixed_threshold = threshold_rule(cfg)
     bad_epochs = 0 if best is None else int(best.get("bad_epochs", 0))
     best_val_loss = math.inf if best is None else float(best.get("best_val_loss", math.inf))
     interrupted = False
@@ -748,7 +756,7 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
                                                   amp=amp, scaler=scaler, max_batches=cfg["max_train_batches"],
                                                   prepare=prepare)
             va_loss, va_y, va_p = evaluate(step_model, val_loader, eval_criterion, device, amp=amp, prepare=prepare)
-            threshold = (fixed_threshold if fixed_threshold is not None else best_f1_threshold(va_y, va_p)) if binary else None
+            threshold = choose_threshold(cfg, va_y, va_p, binary)
             tr_m = compute_metrics(tr_y, tr_p, classes, 0.5)
             va_m05 = compute_metrics(va_y, va_p, classes, 0.5)
             va_m = compute_metrics(va_y, va_p, classes, threshold)
@@ -981,8 +989,7 @@ def fit_ensemble(cfg: dict, data_root: Path, output: Path) -> FitResult:
     amp, _ = autocast_for(device)
     _, va_y, va_p = evaluate(model, loader, None, device, amp=amp, desc="ensemble val")
     classes = first["classes"]
-    fixed = threshold_rule(cfg)
-    threshold = (fixed if fixed is not None else best_f1_threshold(va_y, va_p)) if len(classes) == 2 else None
+    threshold = choose_threshold(cfg, va_y, va_p, len(classes) == 2)
     va_m = compute_metrics(va_y, va_p, classes, threshold)
     val_metrics = {k: va_m[k] for k in METRIC_KEYS}
     run_dir.mkdir(parents=True, exist_ok=True)
