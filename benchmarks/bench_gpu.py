@@ -11,8 +11,10 @@ All rows train through deepcovid's own ``train_one_epoch`` (AMP and channels_las
                             deepcovid's loader now yields, and uint8 without augmentation
   train: ...                the whole step fed by those loaders, from the JPEGs or the
                             decoded-image cache
-  augmentation on the GPU   an experiment: the loader ships unaugmented uint8 batches and
-                            ``gpu_augment`` draws per-image affine/flip/jitter on the device
+  on the device             deepcovid's CUDA default (--augment-on auto): the decoded train images
+                            copied to the GPU once, each batch indexed, augmented (per-image
+                            parameters, ``BatchAugment``) and normalised there: no workers, no
+                            copies; alone, and feeding the training step
   torch.compile: ...        the same with ``torch.compile`` (``--compile``; a minute of compiling)
 
     python benchmarks/bench_gpu.py --data ../shared/data/chest_xray/train --compile
@@ -102,26 +104,32 @@ def _loader_only(loader, device, epochs: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def gpu_augment(x: torch.Tensor) -> torch.Tensor:
-    """Experiment only (not used by ``deepcovid train``): Table-1-like augmentation drawn per
-    image and applied to a whole uint8 batch on the device, in one affine resampling (rotation
-    15 degrees, shift 10%, zoom 10%, horizontal flip) and a brightness/contrast jitter. Hand-written
-    because torchvision's v2 transforms draw one set of parameters per call, i.e. per batch."""
-    import math
+def _on_device(cache, dc, b: int, device, seed: int = 0):
+    """deepcovid's CUDA path: the decoded train images kept on the device, each batch indexed and
+    augmented there (``DeviceBatches`` + ``BatchAugment``), then normalised."""
+    from deepcovid.data import DeviceBatches
+    from deepcovid.training import batch_normalizer
+    from deepcovid.transforms import AugmentConfig, BatchAugment
 
-    import torch.nn.functional as F
+    loader = DeviceBatches(cache, b, device, generator=torch.Generator().manual_seed(seed))
+    aug, norm = BatchAugment(AugmentConfig(), cache.size), batch_normalizer(dc.mean, dc.std, "rgb")
+    return loader, lambda t: norm(aug(t))
 
-    b, dev = x.shape[0], x.device
-    u = lambda *shape: torch.rand(*shape, device=dev) * 2 - 1  # noqa: E731
-    ang, zoom = u(b) * math.radians(15), 1 + u(b) * 0.1
-    flip = torch.where(torch.rand(b, device=dev) < 0.5, -1.0, 1.0)
-    cos, sin = torch.cos(ang) / zoom, torch.sin(ang) / zoom
-    theta = torch.stack([torch.stack([cos * flip, -sin, u(b) * 0.2], 1), torch.stack([sin * flip, cos, u(b) * 0.2], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    y = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    mean = y.mean(dim=(1, 2, 3), keepdim=True)
-    y = (mean + (y - mean) * (1 + u(b, 1, 1, 1) * 0.2)) * (1 + u(b, 1, 1, 1) * 0.2)
-    return y.clamp_(0, 255).div_(255)  # [0, 1] float, what normalize() takes
+
+def _on_device_only(loader, prepare, device, epochs: int) -> float:
+    """images/s of indexing + augmenting + normalising on the device, and nothing else."""
+    def one():
+        n = 0
+        for x, _ in loader:
+            prepare(x)
+            n += len(x)
+        _sync(device)
+        return n
+
+    one()
+    t0 = time.perf_counter()
+    n = sum(one() for _ in range(epochs))
+    return n / (time.perf_counter() - t0)
 
 
 def run(args) -> list[tuple[str, float | None, str]]:
@@ -195,9 +203,10 @@ def run(args) -> list[tuple[str, float | None, str]]:
             lambda: train(model, _loader(cache, dc, b, workers, True, device), ep, prepare=prepare))
         row("train: decoded cache, uint8, no augmentation",
             lambda: train(model, _loader(cache, dc, b, workers, False, device), ep, prepare=prepare))
-        row("train: decoded cache, augmentation on the GPU (experiment)",
-            lambda: train(model, _loader(cache, dc, b, workers, False, device), ep,
-                          prepare=lambda t: prepare(gpu_augment(t))))
+        dev_loader, dev_prepare = _on_device(cache, dc, b, device)
+        row("on the device alone: index, augment, normalise", lambda: _on_device_only(dev_loader, dev_prepare, device, ep))
+        row("train: images kept on the device, augmented there (deepcovid train on CUDA)",
+            lambda: train(model, dev_loader, ep, prepare=dev_prepare))
         if args.compile:
             compiled = torch.compile(model)
             t0 = time.perf_counter()
@@ -205,9 +214,8 @@ def run(args) -> list[tuple[str, float | None, str]]:
             rows[-1] = (*rows[-1][:2], f"first call incl. compiling: {time.perf_counter() - t0:.0f} s")
             row(f"torch.compile: decoded cache, uint8, {workers} workers",
                 lambda: train(compiled, _loader(cache, dc, b, workers, True, device), ep, prepare=prepare))
-            row("torch.compile: decoded cache, augmentation on the GPU (experiment)",
-                lambda: train(compiled, _loader(cache, dc, b, workers, False, device), ep,
-                              prepare=lambda t: prepare(gpu_augment(t))))
+            row("torch.compile: images kept on the device, augmented there (--compile)",
+                lambda: train(compiled, dev_loader, ep, prepare=dev_prepare))
     return rows
 
 

@@ -14,6 +14,7 @@ and turns (S, S) maps into images.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterable, Sequence
 
@@ -226,29 +227,42 @@ class ActivationRecorder(_HookSet):
     """Record the outputs of ``root``'s sub-modules ``names`` (dotted paths) during a forward.
 
     Only the first forward inside the ``with`` block is kept (Score-CAM runs many more), as a
-    detached copy, in ``outputs[name]``. An unknown name raises :class:`ConfigError`.
+    detached copy, in ``outputs[name]``. With ``top=n`` only what an activation grid shows is
+    copied: the ``n`` channels of the first image with the highest mean, in that order, as
+    (n, h, w), and the layer's channel count goes to ``channels[name]`` (a copy of a few
+    channels instead of the whole activation, inside every explained forward). An unknown name
+    raises :class:`ConfigError`.
     """
 
-    def __init__(self, root: nn.Module, names: Sequence[str]):
+    def __init__(self, root: nn.Module, names: Sequence[str], top: int | None = None):
         super().__init__()
         self.root = root
         self.names = list(names)
         self.modules = [resolve_layer(root, n) for n in self.names]
+        self.top = top
         self.outputs: dict[str, torch.Tensor] = {}
+        self.channels: dict[str, int] = {}
 
     def _make_hook(self, name: str):
         def hook(module, inputs, output):
             if name in self.outputs:
                 return None
             t = output[0] if isinstance(output, (tuple, list)) else output
-            if isinstance(t, torch.Tensor):
-                self.outputs[name] = t.detach().clone()
+            if not isinstance(t, torch.Tensor):
+                return None
+            t = t.detach()
+            if self.top is not None and t.dim() == 4:
+                order = torch.argsort(t[0].mean(dim=(1, 2)), descending=True)[: self.top]
+                self.outputs[name] = t[0].index_select(0, order)  # a copy: later in-place ops cannot touch it
+                self.channels[name] = int(t.shape[1])
+            else:
+                self.outputs[name] = t.clone()
             return None
 
         return hook
 
     def __enter__(self):
-        self.outputs = {}
+        self.outputs, self.channels = {}, {}
         for name, module in zip(self.names, self.modules):
             self._handles.append(module.register_forward_hook(self._make_hook(name)))
         return self
@@ -324,10 +338,49 @@ def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def activation_grid(activation: torch.Tensor, layer_name: str, n_channels: int = 16, tile: int | None = None,
-                    colormap: str = "viridis") -> np.ndarray:
+@functools.lru_cache(maxsize=16)
+def _colour_table(colormap: str) -> np.ndarray:
+    """An OpenCV colour map as a (256, 1, 3) user table in RGB order: one ``applyColorMap``
+    colours every tile without a BGR->RGB pass."""
+    ramp = np.arange(256, dtype=np.uint8)[:, None]
+    return np.ascontiguousarray(cv2.cvtColor(cv2.applyColorMap(ramp, check_colormap(colormap)), cv2.COLOR_BGR2RGB))
+
+
+_PAD, _HEADER = 2, 26
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_canvas(label: str, n: int, th: int, tw: int) -> tuple[np.ndarray, int]:
+    """The dark-grey canvas of an ``n``-tile grid with its title drawn, and its number of tile
+    columns: the same for every image a model explains, so drawn once per layer."""
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.45
+    (text_w, _), _ = cv2.getTextSize(label, font, scale, 1)
+    width = max(cols * (tw + _PAD) + _PAD, text_w + 8)
+    canvas = np.full((_HEADER + rows * (th + _PAD) + _PAD, width, 3), 24, dtype=np.uint8)
+    cv2.putText(canvas, label, (4, 18), font, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    canvas.setflags(write=False)
+    return canvas, cols
+
+
+def _nearest_index(src: int, dst: int) -> np.ndarray:
+    # OpenCV's INTER_NEAREST rule, floor(x * src / dst), as cv2.resize computes it
+    return np.minimum(np.floor(np.arange(dst) * (1.0 / (dst / src))).astype(np.intp), src - 1)
+
+
+GRID_CHANNELS = 16  # tiles in an activation grid
+
+
+def activation_grid(activation: torch.Tensor, layer_name: str, n_channels: int = GRID_CHANNELS, tile: int | None = None,
+                    colormap: str = "viridis", channels: int | None = None) -> np.ndarray:
     """uint8 RGB grid of the ``n_channels`` most active channels (by mean activation) of a
-    (C, h, w) activation, each min-max scaled on its own, under a title bar naming the layer."""
+    (C, h, w) activation, each min-max scaled on its own, under a title bar naming the layer.
+    ``channels``: the layer's channel count, when ``activation`` holds only its top channels,
+    already in order (``ActivationRecorder(top=...)``); they are then not ranked again.
+
+    This runs for three layers on every explained image, so each step is one call over all
+    tiles or a single-pass OpenCV call per tile (benchmarks/bench_inference.py, row e)."""
     a = activation.detach()
     if a.dim() == 4:
         a = a[0]
@@ -336,35 +389,30 @@ def activation_grid(activation: torch.Tensor, layer_name: str, n_channels: int =
     a = a.float().cpu()
     c, h, w = a.shape
     n = max(1, min(int(n_channels), c))
-    order = torch.argsort(a.mean(dim=(1, 2)), descending=True)[:n]
-    maps = a[order]
-    lo = maps.amin(dim=(1, 2), keepdim=True)
-    hi = maps.amax(dim=(1, 2), keepdim=True)
-    maps = ((maps - lo) / (hi - lo).clamp_min(1e-8)).numpy()
+    if channels is None:
+        order = torch.argsort(a.mean(dim=(1, 2)), descending=True)[:n]
+        maps = a.index_select(0, order).numpy()  # (n, h, w), contiguous
+    else:  # already the top channels, in order
+        maps = a[:n].contiguous().numpy()
+    lo, hi = maps.reshape(n, -1).min(1), maps.reshape(n, -1).max(1)
+    u8 = np.empty((n, h, w), np.uint8)
+    for k in range(n):  # x * 255/range - lo * 255/range, rounded and saturated in one pass
+        scale = 255.0 / max(float(hi[k] - lo[k]), 1e-8)
+        cv2.convertScaleAbs(maps[k], u8[k], scale, -float(lo[k]) * scale)
     if tile is None:
         tile = int(min(128, max(64, max(h, w))))
     th = tile
     tw = max(1, int(round(tile * w / h)))
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    pad, header = 2, 26
-    label = f"{layer_name}  ({c}x{h}x{w}, top {n} by mean)"
-    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.45
-    (text_w, _), _ = cv2.getTextSize(label, font, scale, 1)
-    width = max(cols * (tw + pad) + pad, text_w + 8)
-    height = header + rows * (th + pad) + pad
-    interp = cv2.INTER_NEAREST if h < th else cv2.INTER_AREA
-    u8 = np.clip(np.rint(maps * 255), 0, 255).astype(np.uint8)
-    # The tiles stacked in one column: one colour-map call for all of them, then each pasted onto
-    # a dark-grey canvas (masking the background of a coloured full grid instead cost more than
-    # the rest of the function together).
-    column = np.concatenate([cv2.resize(u8[k], (tw, th), interpolation=interp) for k in range(n)])
-    coloured = cv2.cvtColor(cv2.applyColorMap(column, check_colormap(colormap)), cv2.COLOR_BGR2RGB)
-    grid = np.full((height, width, 3), 24, dtype=np.uint8)
+    if (th, tw) != (h, w):
+        if h < th:  # enlarge: nearest neighbour, by index
+            u8 = u8[:, _nearest_index(h, th)][:, :, _nearest_index(w, tw)]
+        else:  # shrink (maps over 128 px): area averaging
+            u8 = np.stack([cv2.resize(m, (tw, th), interpolation=cv2.INTER_AREA) for m in u8])
+    coloured = cv2.applyColorMap(np.ascontiguousarray(u8).reshape(n * th, tw), _colour_table(colormap))
+    canvas, cols = _grid_canvas(f"{layer_name}  ({channels or c}x{h}x{w}, top {n} by mean)", n, th, tw)
+    grid = canvas.copy()
     for k in range(n):
         r, col = divmod(k, cols)
-        y0 = header + pad + r * (th + pad)
-        x0 = pad + col * (tw + pad)
+        y0, x0 = _HEADER + _PAD + r * (th + _PAD), _PAD + col * (tw + _PAD)
         grid[y0:y0 + th, x0:x0 + tw] = coloured[k * th:(k + 1) * th]
-    cv2.putText(grid, label, (4, 18), font, scale, (255, 255, 255), 1, cv2.LINE_AA)
     return grid

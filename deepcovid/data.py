@@ -307,6 +307,20 @@ class DecodedImages:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def copy_to(self, device: torch.device, chunk: int = 512) -> torch.Tensor:
+        """All readable images as one uint8 (N, 3, S, S) tensor on ``device`` (channels_last
+        strides: the (N, S, S, 3) bytes as they are), copied in chunks so that a memory-mapped
+        cache is never read whole into host memory first."""
+        if self.mode == "off":
+            raise ConfigError("the images must be decoded once (--cache disk or memory) to keep them on the device")
+        n, s = len(self), self.size
+        out = torch.empty((n, s, s, 3), dtype=torch.uint8, device=device)
+        rows = self._rows if self.mode == "disk" else np.arange(n)
+        for lo in range(0, n, chunk):
+            part = np.ascontiguousarray(self.array[rows[lo:lo + chunk]])
+            out[lo:lo + len(part)].copy_(torch.from_numpy(part))
+        return out.permute(0, 3, 1, 2)
+
     def get(self, i: int) -> np.ndarray:
         if self.mode == "off":
             return decode_for_training(self.samples[i].path, self.size)
@@ -341,3 +355,39 @@ class XRayDataset(Dataset):
         if not self.normalize:
             return x.contiguous(), self.labels[i]
         return normalize(x, self.mean, self.std, self.color_space), self.labels[i]
+
+
+class DeviceBatches:
+    """Training batches drawn from images kept on the device: the whole decoded train split is
+    copied there once, and each epoch is a permutation of it, indexed where the model runs.
+
+    On CUDA this replaces the DataLoader's worker processes, shared-memory transfers and
+    host-to-device copies (benchmarks/bench_gpu.py); the augmentation then runs on the batch
+    (``transforms.BatchAugment``). Yields uint8 (B, 3, S, S) batches and their labels, with the
+    loader's semantics: a fresh shuffle per epoch from ``generator``, or with ``weights`` a
+    class-balanced draw with replacement (``--balance sampler``), and ``drop_last``.
+    ``dataset`` is the per-image dataset of the same images, for the paths that cache features.
+    """
+
+    def __init__(self, images: DecodedImages, batch_size: int, device: torch.device, *, generator: torch.Generator,
+                 drop_last: bool = True, weights: np.ndarray | None = None, dataset=None):
+        self.x = images.copy_to(device)
+        self.y = torch.as_tensor([s.label for s in images.samples], device=device)
+        self.batch_size, self.drop_last, self.generator = int(batch_size), bool(drop_last), generator
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        n = len(self.y)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.y)
+        if self.weights is None:
+            order = torch.randperm(n, generator=self.generator)
+        else:
+            order = torch.multinomial(self.weights, n, replacement=True, generator=self.generator)
+        order = order.to(self.x.device)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield self.x[idx], self.y[idx]

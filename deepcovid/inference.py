@@ -394,14 +394,14 @@ class Predictor:
         act_names = self._activation_names(activations)
         prepared = image if isinstance(image, PreparedImage) else self.prepare(image)
 
-        cam_map, logits, chosen, recorded = self._run_cam(prepared.tensor, method, target_index, act_names)
+        cam_map, logits, chosen, recorded, channels = self._run_cam(prepared.tensor, method, target_index, act_names)
 
         probs = self._probabilities(logits)[0]
         pred = self._prediction(probs, prepared.notes)
         original = prepared.image.to_uint8_rgb()
         heat = camlib.colorize(cam_map, original.shape[:2], colormap)
         over = camlib.blend(original, heat, alpha)
-        grids = [(n, camlib.activation_grid(recorded[n], n)) for n in act_names if n in recorded]
+        grids = self._activation_grids(recorded, channels, act_names)
         return Explanation(
             **pred.to_dict(),
             cam=cam_map,
@@ -412,8 +412,15 @@ class Predictor:
             activations=grids,
         )
 
+    def _activation_grids(self, recorded: dict, channels: dict, names: list[str]) -> list[tuple[str, np.ndarray]]:
+        # Drawn one after the other: in worker threads, the grids' few torch ops each start an
+        # OpenMP team whose spinning threads slowed the model's own forward passes 1.7x (measured
+        # with benchmarks/bench_inference.py on this 2-core machine).
+        return [(n, camlib.activation_grid(recorded[n], n, channels=channels.get(n))) for n in names if n in recorded]
+
     def _run_cam(self, x: torch.Tensor, method: str, target_index: int | None, act_names: list[str]):
-        """One forward + one backward, under the lock: (cam (S,S), logits (1,K'), class index, activations)."""
+        """One forward + one backward, under the lock: (cam (S,S), logits (1,K'), class index,
+        activations (each layer's top grid channels), each layer's channel count)."""
         cam_cls = camlib.cam_class(method)
         if target_index is None:
             target = camlib.DeferredTarget(self.model, self._decide_from_output, self.num_outputs,
@@ -426,7 +433,8 @@ class Predictor:
                 if isinstance(target, camlib.DeferredTarget):
                     stack.enter_context(target)
                 stack.enter_context(camlib.GraphCut(self._cam_layers))
-                recorder = stack.enter_context(camlib.ActivationRecorder(self.model.backbone, act_names))
+                recorder = stack.enter_context(camlib.ActivationRecorder(self.model.backbone, act_names,
+                                                                         top=camlib.GRID_CHANNELS))
                 cam = stack.enter_context(cam_cls(model=self._cam_view, target_layers=self._cam_layers))
                 try:
                     grayscale = cam(input_tensor=xd, targets=[target])
@@ -436,6 +444,7 @@ class Predictor:
                 logits = cam.outputs.detach().float().cpu()
                 cam.outputs = None  # drop the retained graph now
             recorded = {k: v.float().cpu() for k, v in recorder.outputs.items()}
+            channels = dict(recorder.channels)
         chosen = target_index if target_index is not None else target.class_index
         cam_map = np.ascontiguousarray(grayscale[0], dtype=np.float32)
-        return np.clip(cam_map, 0.0, 1.0), logits, int(chosen), recorded
+        return np.clip(cam_map, 0.0, 1.0), logits, int(chosen), recorded, channels

@@ -8,6 +8,7 @@ inference only convert the colour space and normalise, deterministically.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -146,3 +147,101 @@ def build_augment(cfg: AugmentConfig, input_size: int) -> v2.Transform:
     if any(getattr(cfg, n) > 0 for n in ("brightness", "contrast", "saturation", "hue")):
         ops.append(GrayAwareColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue))
     return v2.Compose(ops) if ops else v2.Identity()  # Compose refuses an empty list
+
+
+class BatchAugment:
+    """``build_augment``'s augmentations for a whole uint8 (B, 3, S, S) batch where it lives
+    (the GPU), with parameters drawn per image: flips, rotation, shift and zoom as one affine
+    resampling (nearest, zero fill, as ``v2.RandomAffine``), then the Gaussian blur (reflected
+    border, as OpenCV's), then brightness and contrast in a random order per batch (as
+    ``v2.ColorJitter`` draws it per call). Returns float in [0, 1], as ``normalize`` takes it.
+
+    Written here because torchvision's v2 transforms draw one set of parameters per call, i.e.
+    one for the whole batch, and a batch-wide augmentation is a different (weaker) recipe; Kornia
+    would do it but is one more dependency for a few tensor ops. Saturation and hue change only
+    colour images (X-rays are grey, where they are identities); those rare images go through
+    ``v2.ColorJitter`` one at a time, so they keep torchvision's definition.
+    """
+
+    def __init__(self, cfg: AugmentConfig, input_size: int):
+        self.cfg, self.size = cfg, int(input_size)
+        # Brightness and contrast run batched below; only saturation and hue are left for this.
+        self.colour = (v2.ColorJitter(saturation=cfg.saturation or None, hue=cfg.hue or None)
+                       if (cfg.saturation or cfg.hue) else None)
+
+    def _uniform(self, n: int, lo: float, hi: float, device) -> torch.Tensor:
+        return torch.empty(n, device=device).uniform_(lo, hi)
+
+    def _geometry(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        c, b, dev = self.cfg, x.shape[0], x.device
+        if not (c.hflip or c.vflip or c.rotation or c.shift or c.zoom):
+            return x
+        one = torch.ones(b, device=dev)
+        fx = torch.where(torch.rand(b, device=dev) < c.hflip, -one, one)
+        fy = torch.where(torch.rand(b, device=dev) < c.vflip, -one, one)
+        ang = torch.deg2rad(self._uniform(b, -c.rotation, c.rotation, dev))
+        scale = self._uniform(b, 1 - c.zoom, 1 + c.zoom, dev) if c.zoom else one
+        frac = min(c.shift / float(self.size), 1.0)
+        # Whole-pixel shifts, as RandomAffine rounds them; in affine_grid's [-1, 1] units.
+        t = (self._uniform(2 * b, -frac * self.size, frac * self.size, dev).round() * (2.0 / self.size)).view(2, b)
+        # affine_grid maps each output pixel back to where it samples the input: the inverse of
+        # "rotate and scale about the centre, then shift", followed by the flips (applied first).
+        cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
+        inv = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)  # (B, 2, 2)
+        shift = -(inv @ t.T.unsqueeze(-1)).squeeze(-1)                                 # (B, 2)
+        flip = torch.stack([fx, fy], 1).unsqueeze(-1)
+        theta = torch.cat([inv * flip, (shift * flip.squeeze(-1)).unsqueeze(-1)], 2)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+    def _blur(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        c, (b, ch, h, w), dev = self.cfg, x.shape, x.device
+        if not (c.blur > 0 and c.blur_p > 0):
+            return x
+        on = torch.rand(b, device=dev) < c.blur_p
+        sigma = self._uniform(b, 0.1, c.blur, dev)
+        r = max(1, int(math.ceil(3 * c.blur)))  # OpenCV's uint8 kernel spans about +-3 sigma
+        k = torch.exp(-0.5 * (torch.arange(-r, r + 1, device=dev, dtype=x.dtype)[None] / sigma[:, None]) ** 2)
+        k = k / k.sum(1, keepdim=True)
+        delta = torch.zeros_like(k)
+        delta[:, r] = 1
+        k = torch.where(on[:, None], k, delta).repeat_interleave(ch, 0)  # one kernel per image and channel
+        y = F.pad(x.reshape(1, b * ch, h, w), (r, r, r, r), mode="reflect")  # OpenCV's BORDER_REFLECT_101
+        y = F.conv2d(y, k.view(b * ch, 1, 1, -1), groups=b * ch)
+        y = F.conv2d(y, k.view(b * ch, 1, -1, 1), groups=b * ch)
+        return y.view(b, ch, h, w)
+
+    def _jitter(self, x: torch.Tensor) -> torch.Tensor:
+        c, b, dev = self.cfg, x.shape[0], x.device
+        gray = (x[:, 0] == x[:, 1]).flatten(1).all(1) & (x[:, 1] == x[:, 2]).flatten(1).all(1)
+        ops = []
+        if c.brightness:
+            ops.append("b")
+        if c.contrast:
+            ops.append("c")
+        for i in torch.randperm(len(ops)).tolist():
+            if ops[i] == "b":
+                f = self._uniform(b, max(0.0, 1 - c.brightness), 1 + c.brightness, dev).view(b, 1, 1, 1)
+                x = (x * f).clamp_(0, 255)
+            else:
+                f = self._uniform(b, max(0.0, 1 - c.contrast), 1 + c.contrast, dev).view(b, 1, 1, 1)
+                lum = (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).mean((1, 2)).view(b, 1, 1, 1)
+                x = (f * x + (1 - f) * lum).clamp_(0, 255)
+        if self.colour is not None and not bool(gray.all()):
+            x = x.clone()
+            for i in torch.nonzero(~gray).flatten().tolist():
+                x[i] = self.colour(x[i] / 255.0) * 255.0
+        return x
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"BatchAugment takes (B, 3, S, S) batches, got {tuple(x.shape)}")
+        # [0, 1] float: what ``normalize`` takes (it divides only uint8 by 255)
+        return self._jitter(self._blur(self._geometry(x.float()))).div_(255.0)
+
+    def __repr__(self) -> str:
+        return f"BatchAugment({self.cfg})"

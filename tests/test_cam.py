@@ -106,6 +106,26 @@ def test_activation_grid_shows_the_most_active_channels_labelled():
     assert np.array_equal(camlib.activation_grid(act[None], "x"), camlib.activation_grid(act, "x"))
 
 
+def test_activation_grid_tiles_are_the_scaled_channels_and_calls_share_no_pixels():
+    import cv2
+
+    torch.manual_seed(1)
+    act = torch.randn(4, 8, 8).contiguous(memory_format=torch.contiguous_format)
+    grid = camlib.activation_grid(act, "L", n_channels=4, colormap="jet")
+    top = act[torch.argsort(act.mean((1, 2)), descending=True)[0]].numpy()
+    u8 = np.rint((top - top.min()) / (top.max() - top.min()) * 255).astype(np.uint8)
+    big = cv2.resize(u8, (64, 64), interpolation=cv2.INTER_NEAREST)  # 8 px map -> 64 px tile
+    ref = cv2.cvtColor(cv2.applyColorMap(big, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    tile = grid[28:28 + 64, 2:2 + 64]
+    assert np.abs(tile.astype(int) - ref.astype(int)).max() <= 8  # at most one grey level apart
+    # channels_last activations (what the model records) give the same grid
+    cl = act[None].contiguous(memory_format=torch.channels_last)
+    assert np.array_equal(camlib.activation_grid(cl, "L", n_channels=4, colormap="jet"), grid)
+    grid[:] = 0  # the canvas is cached per layer; a caller writing on its grid must not change the next one
+    again = camlib.activation_grid(act, "L", n_channels=4, colormap="jet")
+    assert np.array_equal(again, camlib.activation_grid(cl, "L", n_channels=4, colormap="jet")) and again.max() > 0
+
+
 # --- targets ---------------------------------------------------------------------------------
 
 def test_logit_target_signs_and_scalar_per_sample():
@@ -165,6 +185,21 @@ def test_activation_recorder_captures_named_layers_and_removes_its_hooks():
     assert camlib.count_hooks(model) == 0
     with pytest.raises(ConfigError, match="no layer"):
         camlib.ActivationRecorder(model, ["nope"])
+
+
+def test_activation_recorder_top_keeps_only_the_grid_channels_and_their_grid():
+    model = tiny_net()
+    x = torch.randn(1, 3, 16, 16)
+    with camlib.ActivationRecorder(model, ["1", "3"]) as full, camlib.ActivationRecorder(model, ["1", "3"], top=3) as top:
+        model(x)
+    for name, c in (("1", 4), ("3", 6)):
+        a = full.outputs[name][0]
+        order = torch.argsort(a.mean(dim=(1, 2)), descending=True)[:3]
+        assert top.channels[name] == c and torch.equal(top.outputs[name], a[order])
+        # the grid drawn from the top channels is the grid of the whole activation
+        assert np.array_equal(camlib.activation_grid(top.outputs[name], name, n_channels=3, channels=c),
+                              camlib.activation_grid(a, name, n_channels=3))
+    assert full.channels == {}
 
 
 def test_graph_cut_makes_the_layer_output_a_leaf_and_backward_stays_in_the_tail():

@@ -176,3 +176,115 @@ def test_uint8_loader_batches_normalised_on_the_device_match_the_per_image_path(
         out = batch_normalizer(mean, std, cs)(batch)
         ref = torch.stack([per_image[i][0] for i in range(len(per_image))])
         assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_device_batches_cover_the_split_once_per_epoch(tmp_path, cache):
+    from deepcovid.data import DecodedImages, DeviceBatches, discover
+
+    _, samples = discover(make_image_folder(tmp_path / "train", {"NORMAL": 6, "PNEUMONIA": 5}, size=24))
+    images = DecodedImages(samples, 16, cache, cache_dir=tmp_path / "c")
+    x = images.copy_to(torch.device("cpu"))
+    assert x.shape == (11, 3, 16, 16) and x.dtype == torch.uint8
+    assert all(torch.equal(x[i], torch.from_numpy(images.get(i)).permute(2, 0, 1)) for i in range(11))
+    g = torch.Generator().manual_seed(0)
+    keep = DeviceBatches(images, 4, torch.device("cpu"), generator=g, drop_last=False)
+    epochs = [list(keep), list(keep)]
+    assert len(keep) == 3 and [len(b[0]) for b in epochs[0]] == [4, 4, 3]
+    firsts = []
+    for batches in epochs:
+        xs = torch.cat([b[0] for b in batches])
+        ys = torch.cat([b[1] for b in batches])
+        # every image exactly once, with its own label
+        rows = [next(i for i in range(11) if torch.equal(x[i], img)) for img in xs]
+        assert sorted(rows) == list(range(11))
+        assert ys.tolist() == [images.samples[i].label for i in rows]  # each image with its own label
+        firsts.append(xs)
+    assert not torch.equal(firsts[0], firsts[1])  # reshuffled each epoch
+    drop = DeviceBatches(images, 4, torch.device("cpu"), generator=g, drop_last=True)
+    assert len(drop) == 2 and [len(b[0]) for b in drop] == [4, 4]
+    # --balance sampler: draws with replacement by weight; weight 0 never drawn
+    labels = np.array([s.label for s in images.samples])
+    w = (labels == labels[0]).astype(float)
+    ys = torch.cat([b[1] for b in DeviceBatches(images, 4, torch.device("cpu"), generator=g, weights=w, drop_last=False)])
+    assert len(ys) == 11 and set(ys.tolist()) == {images.samples[0].label}
+    with pytest.raises(ConfigError, match="--cache disk or memory"):
+        DecodedImages(samples, 16, "off").copy_to(torch.device("cpu"))
+
+
+def _gray_batch(n=6, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 1, size, size), generator=g, dtype=torch.uint8)
+    return x.repeat(1, 3, 1, 1)
+
+
+def test_batch_augment_matches_the_per_image_definitions():
+    from deepcovid.transforms import BatchAugment
+
+    x = _gray_batch()
+    off = AugmentConfig.off()
+    assert torch.equal(BatchAugment(off, 32)(x) * 255, x.float())
+    assert torch.equal(BatchAugment(AugmentConfig(**{**off.to_dict(), "hflip": 1.0}), 32)(x) * 255, x.float().flip(-1))
+    assert torch.equal(BatchAugment(AugmentConfig(**{**off.to_dict(), "vflip": 1.0}), 32)(x) * 255, x.float().flip(-2))
+    # shift: each image moves by whole pixels within +-4, zero filled, drawn per image
+    torch.manual_seed(0)
+    y = BatchAugment(AugmentConfig(**{**off.to_dict(), "shift": 4}), 32)(x) * 255
+    shifts = []
+    for i in range(len(x)):
+        src = x[i].float()
+        for dy in range(-4, 5):
+            for dx in range(-4, 5):
+                ref = torch.zeros_like(src)
+                ref[:, max(dy, 0):32 + min(dy, 0), max(dx, 0):32 + min(dx, 0)] = \
+                    src[:, max(-dy, 0):32 + min(-dy, 0), max(-dx, 0):32 + min(-dx, 0)]
+                if torch.equal(ref, y[i]):
+                    shifts.append((dy, dx))
+    assert len(shifts) == len(x) and len(set(shifts)) > 1
+    # brightness: one factor per image, within [0.8, 1.2]
+    torch.manual_seed(1)
+    y = BatchAugment(AugmentConfig(**{**off.to_dict(), "brightness": 0.2}), 32)(torch.full((6, 3, 8, 8), 100, dtype=torch.uint8)) * 255
+    f = y[:, 0, 0, 0] / 100
+    assert ((f >= 0.8) & (f <= 1.2)).all() and len(set(f.tolist())) == 6 and (y == y[:, :1, :1, :1]).all()
+    # contrast keeps the mean of a grey image and scales its spread
+    torch.manual_seed(2)
+    img = _gray_batch(4).float()
+    y = BatchAugment(AugmentConfig(**{**off.to_dict(), "contrast": 0.2}), 32)(img.to(torch.uint8)) * 255
+    assert torch.allclose(y.mean((1, 2, 3)), img.mean((1, 2, 3)), rtol=0.03)
+    # blur with p 1 smooths every image; p 0 is the identity
+    smooth = BatchAugment(AugmentConfig(**{**off.to_dict(), "blur": 2.0, "blur_p": 1.0}), 32)(x) * 255
+    tv = lambda t: (t[..., 1:] - t[..., :-1]).abs().mean((1, 2, 3))  # noqa: E731
+    assert (tv(smooth) < 0.8 * tv(x.float())).all()
+    assert torch.equal(BatchAugment(AugmentConfig(**{**off.to_dict(), "blur": 2.0, "blur_p": 0.0}), 32)(x) * 255, x.float())
+
+
+@pytest.mark.parametrize("color_space", ["rgb", "hsv"])
+def test_device_path_without_augmentation_gives_the_loader_path_input(color_space):
+    """What the model sees from --augment-on device equals the per-image loader path's input
+    (guards the 0-1 scale that ``normalize`` takes)."""
+    from deepcovid.training import batch_normalizer
+    from deepcovid.transforms import BatchAugment
+
+    x = _gray_batch(3)
+    x[:, 0] //= 2  # one colour image batch too: hsv needs real colours
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    device_path = batch_normalizer(mean, std, color_space)(BatchAugment(AugmentConfig.off(), 32)(x))
+    loader_path = torch.stack([normalize(img, mean, std, color_space) for img in x])
+    assert torch.allclose(device_path, loader_path, atol=1e-5)
+
+
+def test_batch_augment_draws_per_image_keeps_grey_grey_and_colours_colour_images():
+    from deepcovid.transforms import BatchAugment
+
+    torch.manual_seed(0)
+    x = _gray_batch(1).repeat(8, 1, 1, 1)
+    y = BatchAugment(AugmentConfig(), 32)(x)
+    assert y.dtype == torch.float32 and y.shape == x.shape and 0 <= y.min() and y.max() <= 1  # normalize() takes [0, 1]
+    assert len({tuple(v.flatten().tolist()) for v in y}) == 8  # eight different augmentations of one image
+    assert torch.equal(y[:, 0], y[:, 1]) and torch.equal(y[:, 1], y[:, 2])  # saturation/hue skip grey images
+    colour = x.clone()
+    colour[:, 0] = colour[:, 0] // 2  # a tinted image: hue/saturation apply to it
+    cfg = AugmentConfig(**{**AugmentConfig.off().to_dict(), "hue": 0.5})
+    out = BatchAugment(cfg, 32)(colour)
+    assert not torch.equal(out * 255, colour.float()) and 0 <= out.min() and out.max() <= 1.0001
+    with pytest.raises(ValueError, match="B, 3, S, S"):
+        BatchAugment(cfg, 32)(colour[0])

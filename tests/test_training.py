@@ -334,3 +334,41 @@ def test_compile_flag_and_worker_defaults():
     assert config_from_args(p.parse_args([]))["compile"] is False
     assert default_workers(torch.device("cpu")) == 0
     assert default_workers(torch.device("cuda")) >= 1
+
+
+def test_augment_on_device_trains_from_batches_kept_on_the_device(dataset, tmp_path, caplog):
+    """--augment-on device (the CUDA default) runs on any device: same run folder, the choice
+    logged and stored, every epoch a permutation of the train split."""
+    import logging
+
+    from deepcovid import training
+
+    seen = []
+    real = training.train_one_epoch
+
+    def spy(model, loader, *a, **kw):
+        seen.append((type(loader).__name__, kw["prepare"]))
+        return real(model, loader, *a, **kw)
+
+    with caplog.at_level(logging.INFO, logger="deepcovid"), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training, "train_one_epoch", spy)
+        res = fit({**resolve_config({**FAST, "augment_on": "device"}), "run_name": "dev"}, dataset, tmp_path)
+    assert [name for name, _ in seen] == ["DeviceBatches", "DeviceBatches"]
+    assert "augmented on the device" in caplog.text
+    meta = json.loads((res.run_dir / "best.json").read_text())
+    assert meta["config"]["augment_on"] == "device" and (res.run_dir / "best.safetensors").is_file()
+    # the prepare step augments: the same uint8 batch comes out differently twice
+    x = torch.full((4, 3, 32, 32), 100, dtype=torch.uint8)
+    x[:, :, 8:24, 8:24] = 200
+    prepare = seen[0][1]
+    assert prepare(x).shape == (4, 3, 32, 32) and not torch.equal(prepare(x), prepare(x))
+
+
+def test_augment_on_choices_are_checked(dataset, tmp_path, capsys):
+    assert main(["train", "--data", str(dataset), "--output", str(tmp_path), "--augment-on", "gpu"]) == 2
+    assert "unknown --augment-on 'gpu'" in capsys.readouterr().err
+    rc = main(["train", "--data", str(dataset), "--output", str(tmp_path), "--augment-on", "device", "--cache", "off"])
+    assert rc == 2 and "--cache disk or memory" in capsys.readouterr().err
+    from deepcovid.training import augment_on
+
+    assert augment_on({"augment_on": "auto", "cache": "disk"}, torch.device("cpu"), None) == "loader"
