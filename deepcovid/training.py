@@ -466,8 +466,11 @@ def _worker_init(_: int) -> None:
     cv2.setNumThreads(1)
 
 
-def augment_on(cfg: dict, device: torch.device, images) -> str:
-    """"loader" or "device" for this run (see DEFAULTS["augment_on"])."""
+def augment_on(cfg: dict, device: torch.device, images, feature_cached: bool = False) -> str:
+    """"loader" or "device" for this run (see DEFAULTS["augment_on"]). A run that trains on
+    cached features never iterates image batches: nothing is copied to the device for it."""
+    if feature_cached:
+        return "loader"
     if cfg["augment_on"] != "auto":
         return cfg["augment_on"]
     if device.type != "cuda" or cfg["cache"] == "off":
@@ -477,7 +480,8 @@ def augment_on(cfg: dict, device: torch.device, images) -> str:
     return "device" if need <= free // 4 else "loader"
 
 
-def _loaders(splits, spec_cfg: dict, cfg: dict, device: torch.device, images_train, images_val):
+def _loaders(splits, spec_cfg: dict, cfg: dict, device: torch.device, images_train, images_val,
+             feature_cached: bool = False):
     """(train loader, val loader, augmentation config, prepare, train_prepare): the loaders
     yield uint8 images; ``prepare`` normalises a batch where the model runs, and
     ``train_prepare`` also augments it when augmentation runs on the device."""
@@ -502,7 +506,7 @@ def _loaders(splits, spec_cfg: dict, cfg: dict, device: torch.device, images_tra
         weights = 1.0 / np.bincount(labels)[labels]
     drop_last = len(train_ds) > cfg["batch_size"]
     prepare = batch_normalizer(mean, std, cfg["color_space"])
-    where = augment_on(cfg, device, images_train)
+    where = augment_on(cfg, device, images_train, feature_cached)
     log.info("training images augmented %s", "on the device, a batch at a time" if where == "device"
              else f"per image in the loader ({workers} worker processes)")
     if where == "device":
@@ -736,7 +740,9 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
 
     data_meta = {**splits.describe(), "train_counts": train_counts, "val_counts": val_counts,
                  "skipped": img_train.bad + img_val.bad}
-    train_loader, val_loader, aug_cfg, prepare, train_prepare = _loaders(splits, spec_cfg, cfg, device, img_train, img_val)
+    feature_cached = bool(cfg["feature_cache"]) and model.split_frozen(cfg["freeze"]) is not None
+    train_loader, val_loader, aug_cfg, prepare, train_prepare = _loaders(splits, spec_cfg, cfg, device, img_train, img_val,
+                                                                         feature_cached)
     criterion = make_criterion(len(classes), list(train_counts.values()), cfg["balance"], cfg["label_smoothing"]).to(device)
     eval_criterion = make_criterion(len(classes), list(train_counts.values()), cfg["balance"], 0.0).to(device)
     if device.type in ("cuda", "cpu"):

@@ -372,3 +372,5 @@ def test_augment_on_choices_are_checked(dataset, tmp_path, capsys):
     from deepcovid.training import augment_on
 
     assert augment_on({"augment_on": "auto", "cache": "disk"}, torch.device("cpu"), None) == "loader"
+    # a run on cached frozen features never iterates image batches: nothing goes to the device
+    assert augment_on({"augment_on": "device", "cache": "disk"}, torch.device("cpu"), None, feature_cached=True) == "loader"
