@@ -34,12 +34,19 @@ KEYS = ("accuracy", "f1", "specificity", "auc")
 def run(args) -> list[dict]:
     from deepcovid.checkpoint import read_checkpoint
     from deepcovid.data import load_splits
+    from deepcovid.errors import ConfigError
     from deepcovid.metrics import compute_metrics
     from deepcovid.training import fit, member_config, predict_samples, resolve_config, validate_config
 
-    variants = json.loads(args.variants)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    base = resolve_config(json.loads(args.base or "{}"), args.preset)
+    try:
+        variants = json.loads(args.variants)
+        base_overrides = json.loads(args.base or "{}")
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        raise ConfigError(f"--variants and --base take JSON objects, --seeds integers: {exc}") from exc
+    if not variants or not seeds:
+        raise ConfigError("--variants and --seeds must each name at least one")
+    base = resolve_config(base_overrides, args.preset)
     base["ensemble"] = None  # one model per (variant, seed): ensembles are formed below from their outputs
     split = int(base["seed"] if base.get("split_seed") is None else base["split_seed"])
     splits = load_splits(args.data, val_fraction=base["val_fraction"], seed=split, positive_class=base["positive_class"])
