@@ -337,8 +337,8 @@ def test_compile_flag_and_worker_defaults():
 
 
 def test_augment_on_device_trains_from_batches_kept_on_the_device(dataset, tmp_path, caplog):
-    """--augment-on device (the CUDA default) runs on any device: same run folder, the choice
-    logged and stored, every epoch a permutation of the train split."""
+    """--augment-on device (the CUDA default) runs on any device: the epochs train from
+    ``DeviceBatches`` through an augmenting prepare step, and the choice is logged and stored."""
     import logging
 
     from deepcovid import training
