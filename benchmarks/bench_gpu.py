@@ -236,11 +236,10 @@ def main(argv=None) -> int:
 
     tmp = None
     if args.quick:
-        sys.path.insert(0, str(REPO / "tests"))
-        from conftest import make_image_folder
+        from _synthetic import synthetic_folder
 
         tmp = tempfile.TemporaryDirectory()
-        args.data = make_image_folder(Path(tmp.name) / "train", {"NORMAL": 4, "PNEUMONIA": 4}, size=48)
+        args.data = synthetic_folder(Path(tmp.name) / "train", {"NORMAL": 4, "PNEUMONIA": 4}, size=48)
         args.device, args.batch_size, args.input_size, args.workers = "cpu", 4, 32, 0
         args.epochs, args.model_steps = 1, 2
     if args.data is None:

@@ -42,11 +42,9 @@ def _samples(root: Path, n: int, seed: int = 0):
 
 
 def _synthetic_root(tmp: Path, n: int, size: int) -> Path:
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import make_image_folder
+    from _synthetic import synthetic_folder
 
-    make_image_folder(tmp / "train", {"NORMAL": n // 2, "PNEUMONIA": n - n // 2}, size=size)
-    return tmp / "train"
+    return synthetic_folder(tmp / "train", {"NORMAL": n // 2, "PNEUMONIA": n - n // 2}, size=size)
 
 
 def _reencode(samples, out: Path, size: int):

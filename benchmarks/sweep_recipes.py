@@ -110,15 +110,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     tmp = None
     if args.quick:
-        sys.path.insert(0, str(REPO / "tests"))
-        from conftest import FAST_TRAIN, make_image_folder
+        from _synthetic import fast_train_config, synthetic_folder
 
         tmp = tempfile.TemporaryDirectory()
         root = Path(tmp.name)
-        make_image_folder(root / "data" / "train", {"NORMAL": 12, "PNEUMONIA": 12}, size=40)
-        make_image_folder(root / "data" / "test", {"NORMAL": 4, "PNEUMONIA": 4}, size=40, seed=7)
+        synthetic_folder(root / "data" / "train", {"NORMAL": 12, "PNEUMONIA": 12}, size=40)
+        synthetic_folder(root / "data" / "test", {"NORMAL": 4, "PNEUMONIA": 4}, size=40, seed=7)
         args.data, args.out, args.seeds = root / "data", args.out or root / "out", "0,1"
-        args.base = json.dumps({**FAST_TRAIN, "epochs": 1, "device": "cpu", "cache_dir": str(root / "cache")})
+        args.base = json.dumps({**fast_train_config(), "epochs": 1, "device": "cpu", "cache_dir": str(root / "cache")})
     if args.data is None:
         p.error("--data is required (or --quick)")
     args.out = args.out or Path("runs/sweep")
