@@ -225,7 +225,9 @@ def select_device(name: str = "auto") -> torch.device:
 
 def default_workers(device: torch.device) -> int:
     """Data-loader processes: none on the CPU, whose cores run the model; on CUDA every core but
-    the one that drives the GPU, since per-image augmentation is what feeds it (benchmarks/bench_gpu.py)."""
+    the one that drives the GPU, for when per-image augmentation in the loader feeds it
+    (``--augment-on loader``; benchmarks/bench_gpu.py). With augmentation on the device they
+    load only the validation batches."""
     if device.type != "cuda":
         return 0
     from .device import available_threads
