@@ -298,16 +298,18 @@ def _size_hw(size) -> tuple[int, int]:
 
 def colorize(cam: np.ndarray, size, colormap: str = "jet") -> np.ndarray:
     """CAM in [0,1] (h, w) -> uint8 RGB (H, W, 3) colour map; ``size`` is (H, W) (an image's
-    ``shape[:2]``) or an int for a square."""
-    cmap = check_colormap(colormap)
+    ``shape[:2]``) or an int for a square. Values outside [0, 1] are clipped."""
+    table = _colour_table(colormap)
     cam = np.asarray(cam, dtype=np.float32)
     if cam.ndim != 2:
         raise ValueError(f"cam must be 2-D, got shape {cam.shape}")
     h, w = _size_hw(size)
+    # Negatives are clipped on the small map (bilinear interpolation of values >= 0 stays >= 0),
+    # so at the original size, thousands of pixels a side for real X-rays, only two passes follow
+    # the resize: round(x * 255) saturated to uint8, then one colour look-up straight to RGB.
+    cam = np.maximum(cam, 0.0)
     resized = cv2.resize(cam, (w, h), interpolation=cv2.INTER_LINEAR) if cam.shape != (h, w) else cam
-    u8 = np.clip(np.rint(resized * 255.0), 0, 255).astype(np.uint8)
-    bgr = cv2.applyColorMap(u8, cmap)
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return cv2.applyColorMap(cv2.convertScaleAbs(resized, alpha=255.0), table)
 
 
 def blend(image_uint8: np.ndarray, heatmap_uint8: np.ndarray, alpha: float = 0.5) -> np.ndarray:

