@@ -193,9 +193,11 @@ def validate_config(cfg: dict) -> None:
             dc = get_spec(mcfg["arch"]).data_config
             inputs[mcfg["arch"]] = (int(mcfg["input_size"] or dc.input_size), tuple(dc.mean), tuple(dc.std), mcfg["color_space"])
         if len(set(inputs.values())) > 1:
+            hint = (" (set --input-size, or an 'input_size' for each member)" if len({v[0] for v in inputs.values()}) > 1
+                    else " (choose backbones with the same normalisation)")
             raise ConfigError("ensemble members must share input size, mean, std and colour space; got "
                               + "; ".join(f"{a}: {v[0]} px, mean {v[1]}, std {v[2]}, {v[3]}" for a, v in inputs.items())
-                              + " (set --input-size, or an 'input_size' for each member)")
+                              + hint)
 
 
 def threshold_rule(cfg: dict) -> float | None:

@@ -68,9 +68,9 @@ def test_bad_ensembles_are_refused():
         resolve_config({**FAST, "ensemble": [{"seed": 1}, {"optimizer": "lbfgs"}]})
     # members that would need different inputs are refused before any of them trains
     no_size = {k: v for k, v in FAST.items() if k != "input_size"}
-    with pytest.raises(ConfigError, match="must share input size.*efficientnet_lite1: 240 px"):
+    with pytest.raises(ConfigError, match="must share input size.*efficientnet_lite1: 240 px.*set --input-size"):
         resolve_config({**no_size, "arch": "efficientnet_lite0", "ensemble": [{}, {"arch": "efficientnet_lite1"}]})
-    with pytest.raises(ConfigError, match="must share input size"):
+    with pytest.raises(ConfigError, match="must share input size.*same normalisation"):
         resolve_config({**FAST, "arch": "efficientnet_lite0", "ensemble": [{}, {"arch": "resnet50"}]})  # mean/std
     cfg = resolve_config({**FAST, "arch": "efficientnet_lite0", "ensemble": [{}, {"arch": "efficientnet_lite1"}]})
     assert [m.get("arch") for m in cfg["ensemble"]] == [None, "efficientnet_lite1"]
