@@ -139,6 +139,10 @@ def resolve_config(explicit: dict, preset: str | None = None) -> dict:
     explicit = {k: v for k, v in explicit.items() if v is not None}
     if "augment" in explicit:
         explicit["augment"] = {**cfg.get("augment", {}), **explicit["augment"]}
+    if preset and cfg.get("ensemble") and "ensemble" not in explicit:
+        # Flags given explicitly override the preset, its members' own settings included (an
+        # explicit --epochs reaches every member); each member keeps its backbone.
+        cfg["ensemble"] = [{k: v for k, v in m.items() if k == "arch" or k not in explicit} for m in cfg["ensemble"]]
     cfg.update(explicit)
     validate_config(cfg)
     return cfg

@@ -10,7 +10,7 @@ from deepcovid.checkpoint import list_checkpoints, load_checkpoint, read_checkpo
 from deepcovid.errors import CheckpointError, ConfigError
 from deepcovid.inference import Predictor
 from deepcovid.models import EnsembleNet, build_from_meta
-from deepcovid.training import fit_ensemble, resolve_config
+from deepcovid.training import PRESETS, fit_ensemble, resolve_config
 
 FAST = {**FAST_TRAIN, "input_size": 64, "epochs": 1}
 
@@ -101,3 +101,9 @@ def test_cpu_fast_is_an_ensemble_of_three_offline_backbones():
     for m in members:
         model = build_model(m["arch"], 2, weights="imagenet", freeze=m["freeze"])
         assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 1)
+    # flags given explicitly override the preset's members too, but not their backbones
+    cfg = resolve_config({"epochs": 3, "lr": 1e-4}, "cpu-fast")
+    members = [member_config(cfg, m) for m in cfg["ensemble"]]
+    assert [(m["arch"], m["epochs"], m["lr"]) for m in members] == [
+        ("efficientnet_lite0", 3, 1e-4), ("efficientnet_lite1", 3, 1e-4), ("efficientnet_lite2", 3, 1e-4)]
+    assert PRESETS["cpu-fast"]["ensemble"][1]["epochs"] == 1  # the preset itself is untouched
