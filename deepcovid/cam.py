@@ -223,6 +223,14 @@ class GraphCut(_HookSet):
         return self
 
 
+def top_channels(activation: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` channels of a (C, h, w) activation with the highest mean, in that order, as a
+    new contiguous (n, h, w) tensor: what an activation grid shows, ranked in one place for the
+    recorder (inside the forward) and for ``activation_grid`` (given a whole activation)."""
+    order = torch.argsort(activation.mean(dim=(1, 2)), descending=True)[:n]
+    return activation.index_select(0, order)
+
+
 class ActivationRecorder(_HookSet):
     """Record the outputs of ``root``'s sub-modules ``names`` (dotted paths) during a forward.
 
@@ -252,8 +260,7 @@ class ActivationRecorder(_HookSet):
                 return None
             t = t.detach()
             if self.top is not None and t.dim() == 4:
-                order = torch.argsort(t[0].mean(dim=(1, 2)), descending=True)[: self.top]
-                self.outputs[name] = t[0].index_select(0, order)  # a copy: later in-place ops cannot touch it
+                self.outputs[name] = top_channels(t[0], self.top)  # a copy: later in-place ops cannot touch it
                 self.channels[name] = int(t.shape[1])
             else:
                 self.outputs[name] = t.clone()
@@ -392,8 +399,7 @@ def activation_grid(activation: torch.Tensor, layer_name: str, n_channels: int =
     c, h, w = a.shape
     n = max(1, min(int(n_channels), c))
     if channels is None:
-        order = torch.argsort(a.mean(dim=(1, 2)), descending=True)[:n]
-        maps = a.index_select(0, order).numpy()  # (n, h, w), contiguous
+        maps = top_channels(a, n).numpy()  # (n, h, w), contiguous
     else:  # already the top channels, in order
         maps = a[:n].contiguous().numpy()
     lo, hi = maps.reshape(n, -1).min(1), maps.reshape(n, -1).max(1)
