@@ -187,7 +187,7 @@ def validate_config(cfg: dict) -> None:
     if members is not None:
         if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, dict) for m in members):
             raise ConfigError("an ensemble needs a list of at least two member configs")
-        inputs = {}
+        inputs = []
         for m in members:
             if "ensemble" in m:
                 raise ConfigError("ensemble members cannot be ensembles")
@@ -195,12 +195,13 @@ def validate_config(cfg: dict) -> None:
             validate_config(mcfg)
             # The ensemble averages members on one input tensor: check now, not after training them.
             dc = get_spec(mcfg["arch"]).data_config
-            inputs[mcfg["arch"]] = (int(mcfg["input_size"] or dc.input_size), tuple(dc.mean), tuple(dc.std), mcfg["color_space"])
-        if len(set(inputs.values())) > 1:
-            hint = (" (set --input-size, or an 'input_size' for each member)" if len({v[0] for v in inputs.values()}) > 1
+            inputs.append((mcfg["arch"], int(mcfg["input_size"] or dc.input_size), tuple(dc.mean), tuple(dc.std),
+                           mcfg["color_space"]))
+        if len({v[1:] for v in inputs}) > 1:  # per member: two members of one backbone may differ too
+            hint = (" (set --input-size, or an 'input_size' for each member)" if len({v[1] for v in inputs}) > 1
                     else " (choose backbones with the same normalisation)")
             raise ConfigError("ensemble members must share input size, mean, std and colour space; got "
-                              + "; ".join(f"{a}: {v[0]} px, mean {v[1]}, std {v[2]}, {v[3]}" for a, v in inputs.items())
+                              + "; ".join(f"{a}: {size} px, mean {mean}, std {std}, {cs}" for a, size, mean, std, cs in inputs)
                               + hint)
 
 

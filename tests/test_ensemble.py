@@ -72,6 +72,8 @@ def test_bad_ensembles_are_refused():
         resolve_config({**no_size, "arch": "efficientnet_lite0", "ensemble": [{}, {"arch": "efficientnet_lite1"}]})
     with pytest.raises(ConfigError, match="must share input size.*same normalisation"):
         resolve_config({**FAST, "arch": "efficientnet_lite0", "ensemble": [{}, {"arch": "resnet50"}]})  # mean/std
+    with pytest.raises(ConfigError, match="must share input size.*efficientnet_lite0: 96 px"):
+        resolve_config({**FAST, "ensemble": [{}, {"input_size": 96}]})  # one backbone, two sizes
     cfg = resolve_config({**FAST, "arch": "efficientnet_lite0", "ensemble": [{}, {"arch": "efficientnet_lite1"}]})
     assert [m.get("arch") for m in cfg["ensemble"]] == [None, "efficientnet_lite1"]
     with pytest.raises(ConfigError, match="at least two members"):
