@@ -76,15 +76,17 @@ def normalize(x: torch.Tensor, mean, std, color_space: str = "rgb") -> torch.Ten
     """uint8 or [0,1] float (..., 3, H, W) -> the model's normalised float input."""
     if color_space not in COLOR_SPACES:
         raise ConfigError(f"color_space must be one of {COLOR_SPACES}, got {color_space!r}")
-    if x.dtype == torch.uint8:
-        x = x.float().div_(255.0)
-    else:
-        x = x.float()
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
     if color_space == "hsv":
-        x = rgb_to_hsv(x)
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    return (x - m) / s
+        x = rgb_to_hsv(x.float().div_(255.0) if x.dtype == torch.uint8 else x.float())
+        return (x - m) / s
+    # (x / 255 - m) / s as one scale and one shift, in place on the one new float tensor: this
+    # runs for every training image and every batch, and three passes with two temporaries
+    # cost twice as much
+    scale = 1.0 / (s * 255.0) if x.dtype == torch.uint8 else 1.0 / s
+    out = x.float().mul_(scale) if x.dtype == torch.uint8 else x.float().mul(scale)  # never write on the caller's
+    return out.sub_(m / s)
 
 
 class RandomGaussianBlur:
@@ -104,11 +106,60 @@ class RandomGaussianBlur:
         if torch.rand(()) >= self.p:
             return x
         sigma = float(torch.empty(()).uniform_(0.1, self.sigma_max))
-        hwc = np.ascontiguousarray(x.permute(1, 2, 0).numpy())
-        return torch.from_numpy(cv2.GaussianBlur(hwc, (0, 0), sigma)).permute(2, 0, 1).contiguous()
+        # plane by plane on the (C, H, W) memory: the same blur as on (H, W, C), without the two
+        # transposing copies around it
+        src = x.contiguous().numpy()
+        out = np.empty_like(src)
+        for k in range(src.shape[0]):
+            cv2.GaussianBlur(src[k], (0, 0), sigma, dst=out[k])
+        return torch.from_numpy(out)
 
     def __repr__(self) -> str:
         return f"RandomGaussianBlur(sigma_max={self.sigma_max}, p={self.p})"
+
+
+class RandomAffineUint8(v2.RandomAffine):
+    """``v2.RandomAffine`` (nearest, zero fill, about the centre) whose kernel for plain uint8
+    (C, H, W) tensors is OpenCV's ``warpAffine``; torchvision still draws the parameters.
+
+    torchvision resamples a uint8 tensor by converting it to float, building a float grid and
+    running ``grid_sample`` with an extra mask channel for the fill: about 1 ms per 224 px image
+    on this CPU, the largest share of the training pipeline's per-image cost
+    (benchmarks/bench_training.py, pipeline components). ``warpAffine`` with the same inverse
+    matrix, moved from torchvision's centred coordinates to pixel indices, samples the same
+    pixels in a tenth of that; only exact rounding ties (OpenCV rounds half up in fixed point,
+    ``grid_sample`` half to even) can pick the neighbouring pixel
+    (tests/test_data.py compares the two)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # torchvision keeps the mode as given or as its string value
+        self._cv2_ok = (self.interpolation in ("nearest", v2.InterpolationMode.NEAREST) and self.center is None
+                        and self.fill in (0, None))
+
+    def transform(self, inpt, params):
+        if not (self._cv2_ok and type(inpt) is torch.Tensor and inpt.dtype == torch.uint8 and inpt.dim() == 3):
+            return super().transform(inpt, params)
+        import cv2
+        from torchvision.transforms.v2.functional._geometry import _get_inverse_affine_matrix
+
+        c, h, w = inpt.shape
+        m = _get_inverse_affine_matrix([0.0, 0.0], params["angle"], [float(t) for t in params["translate"]],
+                                       params["scale"], list(params["shear"]))
+        # torchvision: input = M @ (output - (w-1)/2, output - (h-1)/2) + ((w-1)/2, (h-1)/2), in pixels
+        cx, cy = (w - 1) * 0.5, (h - 1) * 0.5
+        inv = np.array([[m[0], m[1], m[2] + cx - m[0] * cx - m[1] * cy],
+                        [m[3], m[4], m[5] + cy - m[3] * cx - m[4] * cy]], dtype=np.float64)
+        src = inpt.contiguous().numpy()
+        out = np.empty_like(src)
+        for k in range(c):
+            cv2.warpAffine(src[k], inv, (w, h), dst=out[k], flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        return torch.from_numpy(out)
+
+
+def _is_gray(x: torch.Tensor) -> bool:
+    return bool(torch.equal(x[0], x[1]) and torch.equal(x[1], x[2]))
 
 
 class GrayAwareColorJitter:
@@ -116,6 +167,11 @@ class GrayAwareColorJitter:
 
     Saturation and hue are identities on an image whose three channels are equal (almost every
     X-ray), but torchvision still pays an RGB->HSV->RGB round trip (about 12 ms per image).
+    On a grey uint8 image, brightness and contrast are maps of the grey level alone: both are
+    applied as one 256-entry table (``cv2.LUT``), built by torchvision's own kernels on the 256
+    levels, with the contrast's mean taken as torchvision takes it (its grayscale of the image,
+    floored, averaged by ``torch.mean``). Same pixels as ``v2.ColorJitter`` with the same draws
+    (tests/test_data.py), in about a tenth of its 0.7 ms per 224 px image.
     """
 
     def __init__(self, brightness: float, contrast: float, saturation: float, hue: float):
@@ -123,12 +179,53 @@ class GrayAwareColorJitter:
         self.gray = v2.ColorJitter(brightness or None, contrast or None) if (brightness or contrast) else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.equal(x[0], x[1]) and torch.equal(x[1], x[2]):
-            return self.gray(x) if self.gray is not None else x
-        return self.full(x)
+        one_plane = x.dim() == 3 and x.shape[0] == 1 and x.dtype == torch.uint8  # a grey image's plane
+        if not one_plane and not _is_gray(x):
+            return self.full(x)
+        if self.gray is None:
+            return x
+        if x.dtype != torch.uint8 or x.dim() != 3:
+            return self.gray(x)
+        return self._gray_uint8(x, self.gray.make_params([x]))
+
+    @staticmethod
+    def _gray_uint8(x: torch.Tensor, params: dict) -> torch.Tensor:
+        import cv2
+        from torchvision.transforms.v2 import functional as F
+
+        levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 256)
+        table = levels.expand(3, 1, 256)  # the grey levels as a 3-channel "image" for torchvision's kernels
+        plane = x[0].contiguous().numpy()
+        for fn_id in params["fn_idx"].tolist():
+            if fn_id == 0 and params["brightness_factor"] is not None:
+                table = F.adjust_brightness(table, params["brightness_factor"])
+            elif fn_id == 1 and params["contrast_factor"] is not None:
+                # torchvision's mean: its grayscale (0.2989 R + 0.587 G + 0.114 B, floored) of
+                # the current image, by ``torch.mean``; on a grey image a map of the level
+                gray_of_level = np.ascontiguousarray(F.rgb_to_grayscale(table.float()).floor_().view(256).numpy())
+                mean = torch.mean(torch.from_numpy(cv2.LUT(plane, gray_of_level))[None], dim=(-3, -2, -1), keepdim=True)
+                factor = float(params["contrast_factor"])
+                table = table.mul(factor).add_(mean.view(1, 1, 1), alpha=1.0 - factor).clamp_(0, 255).to(torch.uint8)
+        lut = np.ascontiguousarray(table[0, 0].numpy())
+        out = cv2.LUT(plane, lut)
+        return torch.from_numpy(out)[None].expand(x.shape[0], -1, -1).contiguous()
 
     def __repr__(self) -> str:
         return f"GrayAware{self.full!r}"
+
+
+class GrayPlaneCompose(v2.Compose):
+    """``v2.Compose`` that runs a grey uint8 image (three equal planes: almost every X-ray) as
+    its one plane and repeats the result: the same pixels as the three-plane run, since every
+    augmentation here treats planes alike (flips, the affine and the blur plane by plane, the
+    jitter as a table of the grey level), for a third of the resampling and blurring."""
+
+    def forward(self, *inputs):
+        x = inputs[0] if len(inputs) == 1 else None
+        if (type(x) is torch.Tensor and x.dtype == torch.uint8 and x.dim() == 3 and x.shape[0] == 3
+                and _is_gray(x)):
+            return super().forward(x[:1]).expand(3, -1, -1).contiguous()
+        return super().forward(*inputs)
 
 
 def build_augment(cfg: AugmentConfig, input_size: int) -> v2.Transform:
@@ -140,13 +237,13 @@ def build_augment(cfg: AugmentConfig, input_size: int) -> v2.Transform:
         ops.append(v2.RandomVerticalFlip(cfg.vflip))
     if cfg.rotation > 0 or cfg.shift > 0 or cfg.zoom > 0:
         frac = min(cfg.shift / float(input_size), 1.0)
-        ops.append(v2.RandomAffine(degrees=cfg.rotation, translate=(frac, frac) if cfg.shift > 0 else None,
-                                   scale=(1.0 - cfg.zoom, 1.0 + cfg.zoom) if cfg.zoom > 0 else None))
+        ops.append(RandomAffineUint8(degrees=cfg.rotation, translate=(frac, frac) if cfg.shift > 0 else None,
+                                        scale=(1.0 - cfg.zoom, 1.0 + cfg.zoom) if cfg.zoom > 0 else None))
     if cfg.blur > 0 and cfg.blur_p > 0:
         ops.append(RandomGaussianBlur(cfg.blur, cfg.blur_p))
     if any(getattr(cfg, n) > 0 for n in ("brightness", "contrast", "saturation", "hue")):
         ops.append(GrayAwareColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue))
-    return v2.Compose(ops) if ops else v2.Identity()  # Compose refuses an empty list
+    return GrayPlaneCompose(ops) if ops else v2.Identity()  # Compose refuses an empty list
 
 
 class BatchAugment:

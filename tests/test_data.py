@@ -130,6 +130,108 @@ def test_each_table1_augmentation_changes_the_image(name):
     assert aug(x).dtype == torch.uint8 and aug(x).shape == x.shape
 
 
+def _xray_like(seed: int, size: int = 96) -> torch.Tensor:
+    """A grey (3, S, S) uint8 image with structure at every scale, as the X-rays are."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    plane = 110 + 70 * torch.exp(-((xx - 0.3) ** 2 + yy ** 2) * 4) - 60 * torch.exp(-((xx + 0.4) ** 2 + (yy - 0.2) ** 2) * 9)
+    plane = (plane + torch.randn(size, size, generator=g) * 12).clamp(0, 255).to(torch.uint8)
+    return plane.expand(3, -1, -1).contiguous()
+
+
+def test_opencv_affine_samples_the_pixels_torchvision_samples():
+    from torchvision.transforms import v2
+
+    from deepcovid.transforms import RandomAffineUint8
+
+    kw = dict(degrees=20, translate=(12 / 96, 12 / 96), scale=(0.7, 1.3))
+    ours, ref = RandomAffineUint8(**kw), v2.RandomAffine(**kw)
+    colour = torch.randint(0, 256, (3, 96, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
+    differing = []
+    for seed in range(40):
+        x = _xray_like(seed) if seed % 2 else colour
+        torch.manual_seed(seed)
+        want = ref(x)
+        torch.manual_seed(seed)
+        got = ours(x)  # same parameter draws: torchvision makes them in both
+        assert got.dtype == torch.uint8 and got.shape == x.shape
+        differing.append((got != want).float().mean().item())
+    # only exact rounding ties may pick the neighbouring pixel
+    assert max(differing) < 2e-3 and np.mean(differing) < 5e-4
+    # rotations really happened, and the corners filled with zeros as torchvision fills them
+    assert (want == 0).any() and not torch.equal(want, x)
+    # anything but a plain uint8 (C, H, W) tensor goes to torchvision's kernel: identical
+    xf = colour.float() / 255
+    torch.manual_seed(3)
+    want = ref(xf)
+    torch.manual_seed(3)
+    assert torch.equal(ours(xf), want)
+
+
+def test_grey_colour_jitter_table_equals_torchvision_colour_jitter():
+    from torchvision.transforms import v2
+
+    from deepcovid.transforms import GrayAwareColorJitter
+
+    ours = GrayAwareColorJitter(0.5, 0.5, 0.3, 0.1)
+    ref = v2.ColorJitter(0.5, 0.5)  # on grey images saturation and hue are skipped by design
+    for seed in range(40):
+        x = _xray_like(seed)
+        torch.manual_seed(seed)
+        want = ref(x)
+        torch.manual_seed(seed)
+        got = ours(x)
+        assert torch.equal(got, want), seed
+        assert torch.equal(got[0], got[1]) and torch.equal(got[1], got[2])
+    assert not torch.equal(want, x)
+    # one factor at a time too (the table is built for whichever is on)
+    for b, c in ((0.4, 0.0), (0.0, 0.4)):
+        torch.manual_seed(1)
+        want = v2.ColorJitter(b or None, c or None)(x)
+        torch.manual_seed(1)
+        assert torch.equal(GrayAwareColorJitter(b, c, 0.0, 0.0)(x), want)
+    # a colour image still gets the full torchvision jitter
+    colour = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(5)
+    want = v2.ColorJitter(0.5, 0.5, 0.3, 0.1)(colour)
+    torch.manual_seed(5)
+    assert torch.equal(ours(colour), want)
+
+
+def test_grey_images_augmented_as_one_plane_equal_the_three_plane_run():
+    from torchvision.transforms import v2
+
+    aug = build_augment(AugmentConfig(zoom=0.1), 96)
+    three_planes = v2.Compose(aug.transforms)  # the same transforms without the one-plane path
+    for seed in range(20):
+        x = _xray_like(seed)
+        torch.manual_seed(seed)
+        got = aug(x)
+        torch.manual_seed(seed)
+        assert torch.equal(got, three_planes(x)), seed
+        assert got.shape == (3, 96, 96) and got.is_contiguous()
+    colour = torch.randint(0, 256, (3, 96, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    got = aug(colour)
+    torch.manual_seed(0)
+    assert torch.equal(got, three_planes(colour)) and not torch.equal(got[0], got[1])
+
+
+def test_planar_blur_equals_opencv_blur_of_the_interleaved_image():
+    import cv2
+
+    from deepcovid.transforms import RandomGaussianBlur
+
+    x = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(0)
+    got = RandomGaussianBlur(2.0, 1.0)(x)
+    torch.manual_seed(0)
+    torch.rand(())  # the probability draw
+    sigma = float(torch.empty(()).uniform_(0.1, 2.0))
+    want = cv2.GaussianBlur(np.ascontiguousarray(x.permute(1, 2, 0).numpy()), (0, 0), sigma)
+    assert torch.equal(got, torch.from_numpy(want).permute(2, 0, 1)) and not torch.equal(got, x)
+
+
 def test_augmentations_off_is_identity_and_unknown_rejected():
     x = torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8)
     assert torch.equal(build_augment(AugmentConfig.off(), 32)(x), x)
