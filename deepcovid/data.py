@@ -197,13 +197,15 @@ def fingerprint(samples: list[Sample]) -> str:
     return h.hexdigest()[:16]
 
 
-def decode_for_training(path: str, size: int) -> np.ndarray:
-    """Decode and resize one image to a (S, S, 3) uint8 array (the cache's unit)."""
+def decode_for_training(path: str, size: int, clahe: float = 0.0) -> np.ndarray:
+    """Decode and resize one image to a (S, S, 3) uint8 array (the cache's unit), equalised
+    by CLAHE with clip limit ``clahe`` when it is not 0."""
     from .imageio import load_image, resize_square
+    from .transforms import equalize_clahe
 
     img = load_image(path, target_size=size)
     arr = resize_square(img.pixels, size)
-    return np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return equalize_clahe(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), clahe)
 
 
 def default_cache_dir() -> Path:
@@ -211,14 +213,14 @@ def default_cache_dir() -> Path:
     return Path(base)
 
 
-def _decode_all(samples: list[Sample], size: int, out: np.ndarray, desc: str, workers: int) -> list[int]:
+def _decode_all(samples: list[Sample], size: int, out: np.ndarray, desc: str, workers: int, clahe: float = 0.0) -> list[int]:
     """Decode every sample into ``out``; return indices of unreadable files (reported by path)."""
     bad: list[int] = []
     log.info("%s: %d images at %d px (once; later runs reuse the cache)", desc, len(samples), size)
 
     def work(i: int):
         try:
-            out[i] = decode_for_training(samples[i].path, size)
+            out[i] = decode_for_training(samples[i].path, size, clahe)
             return None
         except InvalidImageError as exc:
             return i, str(exc)
@@ -240,13 +242,17 @@ class DecodedImages:
     ``mode``: 'disk' (memory-mapped .npy under ``cache_dir``, reused across runs while the
     fingerprint matches), 'memory' (decoded once per process), 'off' (decode every access; the
     baseline the benchmark compares against). Unreadable files are dropped from ``samples``.
+    ``clahe``: the CLAHE clip limit of the model's preprocessing (0: none); part of the key.
     """
 
     def __init__(self, samples: list[Sample], size: int, mode: str = "disk", cache_dir: Path | None = None,
-                 workers: int | None = None, desc: str = "decoding"):
+                 workers: int | None = None, desc: str = "decoding", clahe: float = 0.0):
+        from .transforms import check_clahe
+
         if mode not in CACHE_MODES:
             raise ConfigError(f"--cache must be one of {CACHE_MODES}, got {mode!r}")
         self.size = size
+        self.clahe = check_clahe(clahe)
         self.mode = mode
         workers = workers or min(4, os.cpu_count() or 1)
         self.array: np.ndarray | None = None
@@ -256,7 +262,7 @@ class DecodedImages:
             bad = []
             for i, s in enumerate(samples):
                 try:
-                    scratch[0] = decode_for_training(s.path, size)
+                    scratch[0] = decode_for_training(s.path, size, self.clahe)
                 except InvalidImageError as exc:
                     bad.append(i)
                     log.warning("skipping unreadable image %s: %s", s.path, exc)
@@ -265,7 +271,7 @@ class DecodedImages:
             return
         if mode == "memory":
             arr = np.empty((len(samples), size, size, 3), np.uint8)
-            bad = _decode_all(samples, size, arr, desc, workers)
+            bad = _decode_all(samples, size, arr, desc, workers, self.clahe)
             keep = np.setdiff1d(np.arange(len(samples)), bad)
             self.array = arr[keep] if bad else arr
             self.samples = [samples[i] for i in keep]
@@ -273,7 +279,7 @@ class DecodedImages:
             return
         cache_dir = Path(cache_dir or default_cache_dir())
         cache_dir.mkdir(parents=True, exist_ok=True)
-        key = f"{fingerprint(samples)}-{size}"
+        key = f"{fingerprint(samples)}-{size}" + (f"-clahe{self.clahe:g}" if self.clahe else "")
         data_path = cache_dir / f"decoded-{key}.npy"
         index_path = cache_dir / f"decoded-{key}.json"
         index = None
@@ -288,7 +294,7 @@ class DecodedImages:
         if index is None:
             tmp = cache_dir / f".decoded-{key}.{os.getpid()}.npy"
             arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(samples), size, size, 3))
-            bad = _decode_all(samples, size, arr, desc, workers)
+            bad = _decode_all(samples, size, arr, desc, workers, self.clahe)
             arr.flush()
             del arr
             os.replace(tmp, data_path)  # only a complete cache ever gets the real name
@@ -323,7 +329,7 @@ class DecodedImages:
 
     def get(self, i: int) -> np.ndarray:
         if self.mode == "off":
-            return decode_for_training(self.samples[i].path, self.size)
+            return decode_for_training(self.samples[i].path, self.size, self.clahe)
         if self.mode == "disk":
             return np.array(self.array[self._rows[i]])  # a writable copy, off the memory map
         return self.array[i]

@@ -158,6 +158,9 @@ class Predictor:
         self.mean = tuple(float(v) for v in meta["mean"])
         self.std = tuple(float(v) for v in meta["std"])
         self.color_space: str = meta.get("color_space", "rgb") or "rgb"
+        from .transforms import check_clahe
+
+        self.clahe = check_clahe(meta.get("clahe"))  # absent in checkpoints from before it existed
         self.num_outputs = 1 if len(self.classes) == 2 else len(self.classes)
         if len(self.classes) == 2:
             pos = meta.get("positive_class") or self.classes[-1]
@@ -281,6 +284,12 @@ class Predictor:
         from .transforms import normalize
 
         sq = imageio.resize_square(pixels, self.input_size)
+        if self.clahe:  # on the uint8 pixels training equalised (data.decode_for_training)
+            from .transforms import equalize_clahe
+
+            sq = equalize_clahe(np.clip(sq * 255.0 + 0.5, 0, 255).astype(np.uint8), self.clahe)
+            x = torch.from_numpy(sq).permute(2, 0, 1)
+            return normalize(x, self.mean, self.std, self.color_space).unsqueeze(0).contiguous()
         x = torch.from_numpy(np.ascontiguousarray(sq, dtype=np.float32)).permute(2, 0, 1)
         return normalize(x, self.mean, self.std, self.color_space).unsqueeze(0).contiguous()
 

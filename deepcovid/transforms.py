@@ -74,6 +74,38 @@ def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((h, s, v), dim=-3)
 
 
+def check_clahe(clip_limit) -> float:
+    """The CLAHE clip limit as a float: 0 is off, else a positive number (OpenCV's units)."""
+    try:
+        c = float(clip_limit or 0.0)
+    except (TypeError, ValueError):
+        c = math.nan
+    if not math.isfinite(c) or c < 0:
+        raise ConfigError(f"clahe (--clahe, the CLAHE clip limit) must be 0 (off) or a positive number, got {clip_limit!r}")
+    return c
+
+
+CLAHE_TILES = 8  # tiles per side of the contrast-limited equalisation grid (OpenCV's default)
+
+
+def equalize_clahe(image: np.ndarray, clip_limit: float) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation (OpenCV) of a uint8 (S, S, 3) image,
+    plane by plane (a grey image once, repeated), at the model's input size; 0 returns it as is.
+
+    Part of a model's preprocessing when its checkpoint says so (``clahe`` in the metadata):
+    training applies it to the decoded cache and inference to the resized image, the same
+    function on the same uint8 pixels. It evens out exposure and contrast between X-ray
+    sources, the train/test shift of the shared data set (README, Results)."""
+    if not clip_limit:
+        return image
+    import cv2
+
+    op = cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(CLAHE_TILES, CLAHE_TILES))
+    if np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 1], image[..., 2]):
+        return np.repeat(op.apply(np.ascontiguousarray(image[..., 0]))[..., None], 3, axis=2)
+    return np.stack([op.apply(np.ascontiguousarray(image[..., c])) for c in range(image.shape[2])], axis=2)
+
+
 def normalize(x: torch.Tensor, mean, std, color_space: str = "rgb") -> torch.Tensor:
     """uint8 or [0,1] float (..., 3, H, W) -> the model's normalised float input."""
     if color_space not in COLOR_SPACES:

@@ -498,7 +498,8 @@ def model_card_markdown(entry: dict) -> str:
     run = entry.get("run") or (Path(entry["path"]).parent.name if entry.get("path") else "?")
     rows = [
         ("Architecture", f"{entry.get('arch', '?')} (input {entry.get('input_size', '?')} px, "
-                         f"colour space {entry.get('color_space', 'rgb')})"),
+                         f"colour space {entry.get('color_space', 'rgb')}"
+                         + (f", CLAHE clip {entry['clahe']:g}" if entry.get("clahe") else "") + ")"),
         ("Run", f"{run} (epoch {entry.get('epoch', '?')})"),
         ("Checkpoint file", Path(entry.get("path", "?")).name),
         ("Classes", ", ".join(classes) + (f" (positive: {pos})" if pos else "")),

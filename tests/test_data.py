@@ -217,6 +217,29 @@ def test_grey_images_augmented_as_one_plane_equal_the_three_plane_run():
     assert torch.equal(got, three_planes(colour)) and not torch.equal(got[0], got[1])
 
 
+def test_clahe_equalises_each_plane_and_zero_is_off():
+    import cv2
+
+    from deepcovid.transforms import check_clahe, equalize_clahe
+
+    grey = _xray_like(0, 64)[0].numpy() // 3 + 60  # a low-contrast X-ray-like plane
+    img = np.repeat(grey[..., None], 3, axis=2)
+    out = equalize_clahe(img, 2.0)
+    want = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(grey)
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    assert all(np.array_equal(out[..., c], want) for c in range(3))
+    assert np.ptp(out) > np.ptp(img)  # contrast stretched
+    assert equalize_clahe(img, 0.0) is img
+    colour = img.copy()
+    colour[..., 2] = 255 - colour[..., 2]
+    out = equalize_clahe(colour, 2.0)
+    assert np.array_equal(out[..., 0], want) and not np.array_equal(out[..., 2], want)
+    assert check_clahe(None) == 0.0 and check_clahe("1.5") == 1.5
+    for bad in (-1, "x", float("inf")):
+        with pytest.raises(ConfigError, match="CLAHE"):
+            check_clahe(bad)
+
+
 def test_planar_blur_equals_opencv_blur_of_the_interleaved_image():
     import cv2
 

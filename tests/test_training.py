@@ -174,6 +174,8 @@ def test_grid_picks_the_better_trial(dataset, tmp_path):
     (["--augment", "sharpen=1"], "unknown augmentation"),
     (["--grid", "lr"], "KEY=V1,V2"),
     (["--preset", "magic"], "unknown --preset"),
+    (["--clahe", "-1"], "CLAHE clip limit"),
+    (["--clahe", "nan"], "CLAHE clip limit"),
 ])
 def test_bad_flags_give_clear_errors(dataset, tmp_path, capsys, argv, message):
     rc = main(["train", "--data", str(dataset), "--output", str(tmp_path), *argv])
@@ -374,3 +376,33 @@ def test_augment_on_choices_are_checked(dataset, tmp_path, capsys):
     assert augment_on({"augment_on": "auto", "cache": "disk"}, torch.device("cpu"), None) == "loader"
     # a run on cached frozen features never iterates image batches: nothing goes to the device
     assert augment_on({"augment_on": "device", "cache": "disk"}, torch.device("cpu"), None, feature_cached=True) == "loader"
+
+
+def test_clahe_is_trained_on_stored_and_applied_by_inference(dataset, tmp_path):
+    import numpy as np
+
+    from deepcovid.data import DecodedImages, discover
+    from deepcovid.inference import Predictor
+    from deepcovid.transforms import normalize
+
+    assert resolve_config({}, "cpu-fast")["clahe"] == 2.0 and resolve_config({})["clahe"] == 0.0
+    cfg = resolve_config({**FAST, "epochs": 1, "clahe": 3.0, "cache_dir": str(tmp_path / "cache")})
+    fit({**cfg, "run_name": "eq"}, dataset, tmp_path)
+    ckpt = load_checkpoint(tmp_path / "eq")
+    assert ckpt.meta["clahe"] == 3.0
+    # the decoded cache holds the equalised images, under their own key beside the plain ones
+    _, samples = discover(dataset / "train")
+    size = int(ckpt.meta["input_size"])
+    eq = DecodedImages(samples, size, "disk", tmp_path / "cache", clahe=3.0)
+    plain = DecodedImages(samples, size, "disk", tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("decoded-*clahe3.npy"))) == 1
+    assert not np.array_equal(eq.get(0), plain.get(0))
+    # inference equalises the same uint8 pixels (these images need no resampling at load)
+    pred = Predictor(ckpt.build_model(), ckpt.meta)
+    x = pred.prepare(samples[0].path).tensor
+    want = normalize(torch.from_numpy(np.ascontiguousarray(eq.get(0))).permute(2, 0, 1), pred.mean, pred.std)[None]
+    assert torch.allclose(x, want, atol=1e-6)
+    assert not torch.allclose(Predictor(ckpt.build_model(), {**ckpt.meta, "clahe": 0.0}).prepare(samples[0].path).tensor,
+                              want, atol=1e-2)
+    with pytest.raises(ConfigError, match="CLAHE"):
+        Predictor(ckpt.build_model(), {**ckpt.meta, "clahe": "lots"})
