@@ -287,10 +287,10 @@ class Predictor:
         if self.clahe:  # on the uint8 pixels training equalised (data.decode_for_training)
             from .transforms import equalize_clahe
 
-            sq = equalize_clahe(np.clip(sq * 255.0 + 0.5, 0, 255).astype(np.uint8), self.clahe)
-            x = torch.from_numpy(sq).permute(2, 0, 1)
-            return normalize(x, self.mean, self.std, self.color_space).unsqueeze(0).contiguous()
-        x = torch.from_numpy(np.ascontiguousarray(sq, dtype=np.float32)).permute(2, 0, 1)
+            x = torch.from_numpy(equalize_clahe(np.clip(sq * 255.0 + 0.5, 0, 255).astype(np.uint8), self.clahe))
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(sq, dtype=np.float32))
+        x = x.permute(2, 0, 1)
         return normalize(x, self.mean, self.std, self.color_space).unsqueeze(0).contiguous()
 
     def preprocess(self, image) -> torch.Tensor:

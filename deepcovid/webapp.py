@@ -499,7 +499,7 @@ def model_card_markdown(entry: dict) -> str:
     rows = [
         ("Architecture", f"{entry.get('arch', '?')} (input {entry.get('input_size', '?')} px, "
                          f"colour space {entry.get('color_space', 'rgb')}"
-                         + (f", CLAHE clip {entry['clahe']:g}" if entry.get("clahe") else "") + ")"),
+                         + (f", CLAHE clip {entry['clahe']}" if entry.get("clahe") else "") + ")"),
         ("Run", f"{run} (epoch {entry.get('epoch', '?')})"),
         ("Checkpoint file", Path(entry.get("path", "?")).name),
         ("Classes", ", ".join(classes) + (f" (positive: {pos})" if pos else "")),

@@ -240,6 +240,16 @@ def test_clahe_equalises_each_plane_and_zero_is_off():
             check_clahe(bad)
 
 
+def test_clahe_cache_filled_by_threads_equals_one_image_at_a_time(tmp_path):
+    from deepcovid.data import decode_for_training
+
+    make_image_folder(tmp_path / "train", {"NORMAL": 24, "PNEUMONIA": 24}, size=96, ext=".png")
+    _, samples = discover(tmp_path / "train")
+    images = DecodedImages(samples, 64, "memory", workers=4, clahe=2.0)
+    for i, s in enumerate(images.samples):
+        assert np.array_equal(images.get(i), decode_for_training(s.path, 64, 2.0)), s.path
+
+
 def test_planar_blur_equals_opencv_blur_of_the_interleaved_image():
     import cv2
 
