@@ -94,8 +94,8 @@ def equalize_clahe(image: np.ndarray, clip_limit: float) -> np.ndarray:
 
     Part of a model's preprocessing when its checkpoint says so (``clahe`` in the metadata):
     training applies it to the decoded cache and inference to the resized image, the same
-    function on the same uint8 pixels. It evens out exposure and contrast between X-ray
-    sources, the train/test shift of the shared data set (README, Results)."""
+    function on the same uint8 pixels. Meant to even out exposure and contrast between X-ray
+    sources (the train/test shift of the shared data set); measured under README, Results."""
     if not clip_limit:
         return image
     import cv2

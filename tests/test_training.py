@@ -385,7 +385,7 @@ def test_clahe_is_trained_on_stored_and_applied_by_inference(dataset, tmp_path):
     from deepcovid.inference import Predictor
     from deepcovid.transforms import normalize
 
-    assert resolve_config({}, "cpu-fast")["clahe"] == 2.0 and resolve_config({})["clahe"] == 0.0
+    assert resolve_config({}, "cpu-fast")["clahe"] == 0.0 and resolve_config({"clahe": 2})["clahe"] == 2
     cfg = resolve_config({**FAST, "epochs": 1, "clahe": 3.0, "cache_dir": str(tmp_path / "cache")})
     fit({**cfg, "run_name": "eq"}, dataset, tmp_path)
     ckpt = load_checkpoint(tmp_path / "eq")
