@@ -200,12 +200,12 @@ def fingerprint(samples: list[Sample]) -> str:
 def decode_for_training(path: str, size: int, clahe: float = 0.0) -> np.ndarray:
     """Decode and resize one image to a (S, S, 3) uint8 array (the cache's unit), equalised
     by CLAHE with clip limit ``clahe`` when it is not 0."""
-    from .imageio import load_image, resize_square
+    from .imageio import load_image, resize_square, to_uint8
     from .transforms import equalize_clahe
 
     img = load_image(path, target_size=size)
     arr = resize_square(img.pixels, size)
-    return equalize_clahe(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), clahe)
+    return equalize_clahe(to_uint8(arr), clahe)
 
 
 def default_cache_dir() -> Path:

@@ -53,6 +53,7 @@ __all__ = [
     "is_supported",
     "load_image",
     "resize_square",
+    "to_uint8",
 ]
 
 DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
@@ -93,9 +94,7 @@ class XRayImage:
 
     def to_uint8_rgb(self) -> np.ndarray:
         """(H, W, 3) uint8 copy for display and overlays."""
-        out = np.clip(self.pixels, 0.0, 1.0) * np.float32(255.0)
-        out += np.float32(0.5)
-        return out.astype(np.uint8)
+        return to_uint8(self.pixels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,6 +112,14 @@ def is_supported(path: str | os.PathLike) -> bool:
             return _is_dicom_header(f.read(132))
     except OSError:
         return False
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Float pixels in [0, 1] -> uint8, rounded half up and saturated: one rule for the decoded
+    cache, the inference input and the displayed image."""
+    out = np.clip(pixels, 0.0, 1.0) * np.float32(255.0)
+    out += np.float32(0.5)
+    return out.astype(np.uint8)
 
 
 def resize_square(pixels: np.ndarray, size: int) -> np.ndarray:

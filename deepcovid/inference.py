@@ -287,7 +287,7 @@ class Predictor:
         if self.clahe:  # on the uint8 pixels training equalised (data.decode_for_training)
             from .transforms import equalize_clahe
 
-            x = torch.from_numpy(equalize_clahe(np.clip(sq * 255.0 + 0.5, 0, 255).astype(np.uint8), self.clahe))
+            x = torch.from_numpy(equalize_clahe(imageio.to_uint8(sq), self.clahe))
         else:
             x = torch.from_numpy(np.ascontiguousarray(sq, dtype=np.float32))
         x = x.permute(2, 0, 1)

@@ -202,7 +202,7 @@ def validate_config(cfg: dict) -> None:
             # The ensemble averages members on one input tensor: check now, not after training them.
             dc = get_spec(mcfg["arch"]).data_config
             inputs.append((mcfg["arch"], int(mcfg["input_size"] or dc.input_size), tuple(dc.mean), tuple(dc.std),
-                           mcfg["color_space"], float(mcfg.get("clahe") or 0.0)))
+                           mcfg["color_space"], check_clahe(mcfg.get("clahe"))))
         if len({v[1:] for v in inputs}) > 1:  # per member: two members of one backbone may differ too
             hint = (" (set --input-size, or an 'input_size' for each member)" if len({v[1] for v in inputs}) > 1
                     else " (choose backbones with the same normalisation)" if len({v[2:4] for v in inputs}) > 1
@@ -753,9 +753,8 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
     log.info("run folder: %s", run_dir)
 
     cache_dir = Path(cfg["cache_dir"]) if cfg["cache_dir"] else None
-    clahe = float(cfg.get("clahe") or 0.0)
-    img_train = DecodedImages(splits.train, input_size, cfg["cache"], cache_dir, desc="decoding train", clahe=clahe)
-    img_val = DecodedImages(splits.val, input_size, cfg["cache"], cache_dir, desc="decoding val", clahe=clahe)
+    img_train = DecodedImages(splits.train, input_size, cfg["cache"], cache_dir, desc="decoding train", clahe=cfg.get("clahe"))
+    img_val = DecodedImages(splits.val, input_size, cfg["cache"], cache_dir, desc="decoding val", clahe=cfg.get("clahe"))
     if len(img_train) == 0 or len(img_val) == 0:
         raise DataError("no readable training or validation images left after skipping unreadable files")
     train_counts, val_counts = counts(img_train.samples, classes), counts(img_val.samples, classes)
@@ -808,7 +807,7 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
     base_meta = {
         "arch": arch, "classes": classes, "positive_class": splits.positive_class, "num_outputs": model.num_outputs,
         "input_size": input_size, "mean": spec_cfg["mean"], "std": spec_cfg["std"], "color_space": cfg["color_space"],
-        "clahe": clahe, "config": cfg, "versions": versions(), "data": data_meta, "run": run_dir.name,
+        "clahe": img_train.clahe, "config": cfg, "versions": versions(), "data": data_meta, "run": run_dir.name,
     }
     binary = len(classes) == 2
     bad_epochs = 0 if best is None else int(best.get("bad_epochs", 0))
@@ -910,7 +909,7 @@ def predict_samples(ckpt, samples, *, cfg: dict | None = None, device: torch.dev
     cache = (cfg or {}).get("cache", "memory")
     images = DecodedImages(samples, int(meta["input_size"]), "memory" if cache == "off" else cache,
                            Path(cfg["cache_dir"]) if cfg and cfg.get("cache_dir") else None, desc=f"decoding {desc}",
-                           clahe=float(meta.get("clahe") or 0.0))
+                           clahe=meta.get("clahe"))
     if len(images) == 0:
         raise DataError(f"no readable images to evaluate on ({len(images.bad)} unreadable)")
     ds = XRayDataset(images, meta["mean"], meta["std"], meta["color_space"])
