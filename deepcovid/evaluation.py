@@ -1,5 +1,5 @@
 """``deepcovid evaluate``: Table-2 metrics of a checkpoint on a folder of class subfolders, at the
-checkpoint's stored threshold and at 0.5."""
+checkpoint's stored threshold and at 0.5, each with its 95 % bootstrap interval over the images."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from .checkpoint import DEFAULT_CHECKPOINTS_DIR, atomic_write_text, load_checkpoint
 from .data import discover
 from .errors import DataError
-from .metrics import METRIC_KEYS, format_table
+from .metrics import METRIC_KEYS, format_ci_list, format_table
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,7 +35,8 @@ def evaluate_folder(checkpoint, data: Path, *, checkpoints_dir=DEFAULT_CHECKPOIN
     at_half = stored.get("at_0.5")
     return {"checkpoint": str(ckpt.path), "arch": ckpt.meta["arch"], "data": str(data), "n": stored["n"],
             "skipped": stored["skipped"], **{k: stored[k] for k in METRIC_KEYS}, "threshold": stored["threshold"],
-            "at_0.5": {k: at_half[k] for k in (*METRIC_KEYS, "threshold")} if at_half else None,
+            "ci95": stored.get("ci95"),
+            "at_0.5": {k: at_half[k] for k in (*METRIC_KEYS, "threshold", "ci95")} if at_half else None,
             **({"per_class": stored["per_class"]} if "per_class" in stored else {})}
 
 
@@ -49,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{result['arch']} ({result['checkpoint']}) on {result['data']}: {result['n']} images"
           + (f", {len(result['skipped'])} unreadable skipped" if result["skipped"] else ""))
     print(format_table(rows))
+    intervals = format_ci_list(rows)
+    if intervals:
+        print(intervals)
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2, sort_keys=True) + "\n")
         roc = out_dir / "roc_eval.png"

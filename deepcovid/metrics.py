@@ -76,6 +76,80 @@ def compute_metrics(y_true, probs, classes, threshold: float | None = 0.5) -> di
     return multiclass_metrics(y_true, probs, classes)
 
 
+CI_KEYS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
+
+
+def _class_sample_metrics(pos: np.ndarray, neg: np.ndarray, threshold: float, axis: int = -1) -> np.ndarray:
+    """(accuracy, precision, recall, specificity, F1, AUC) from the positives' and the negatives'
+    scores, vectorised along ``axis`` (scipy's bootstrap passes many resamples at once).
+
+    Written here because ``binary_metrics`` (scikit-learn) takes one resample per call; AUC is
+    the Mann-Whitney form (average ranks for ties), which equals ``roc_auc_score``."""
+    from scipy.stats import rankdata
+
+    pos, neg = np.moveaxis(pos, axis, -1), np.moveaxis(neg, axis, -1)
+    n1, n0 = pos.shape[-1], neg.shape[-1]
+    ranks = rankdata(np.concatenate([pos, neg], axis=-1), axis=-1)
+    auc = (ranks[..., :n1].sum(-1) - n1 * (n1 + 1) / 2.0) / (n1 * n0)
+    tp = (pos >= threshold).sum(-1).astype(np.float64)
+    tn = (neg < threshold).sum(-1).astype(np.float64)
+    fp, fn = n0 - tn, n1 - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)  # 0 when nothing is called positive, as _safe_div
+    return np.stack([(tp + tn) / (n1 + n0), precision, tp / n1, tn / n0, 2 * tp / (2 * tp + fp + fn), auc])
+
+
+def bootstrap_ci(y_true, prob, threshold: float = 0.5, *, confidence: float = 0.95, n_resamples: int = 2000,
+                 seed: int = 0) -> dict | None:
+    """Percentile-bootstrap intervals of the two-class metrics (:data:`CI_KEYS`) over images.
+
+    ``scipy.stats.bootstrap`` resamples the positives and the negatives as two independent
+    samples, so every resample keeps the evaluated set's class counts (AUC stays defined, and
+    specificity is always over the same number of normals). What it measures is how much the
+    score depends on which images were drawn, not how much it would change if the model were
+    trained again. None when a class has fewer than two images.
+    """
+    from scipy.stats import bootstrap
+
+    y_true = np.asarray(y_true).astype(int).ravel()
+    prob = np.asarray(prob, dtype=np.float64).ravel()
+    pos, neg = prob[y_true == 1], prob[y_true == 0]
+    if len(pos) < 2 or len(neg) < 2:
+        return None
+    res = bootstrap((pos, neg), lambda a, b, axis=-1: _class_sample_metrics(a, b, threshold, axis), paired=False,
+                    vectorized=True, n_resamples=int(n_resamples), confidence_level=float(confidence),
+                    method="percentile", rng=np.random.default_rng(seed))
+    lo, hi = res.confidence_interval
+    out = {k: [float(a), float(b)] for k, a, b in zip(CI_KEYS, lo, hi)}
+    return {"confidence": float(confidence), "n_resamples": int(n_resamples), "method": "percentile bootstrap over images, within each class",
+            **out}
+
+
+def format_ci(ci: dict | None, method: bool = True) -> str:
+    """One line: '95 % intervals (<method>): accuracy 90.4-95.8 %, ..., AUC 0.927-0.979';
+    ``method=False``: the intervals only (under a heading that names the method). '' without."""
+    if not ci:
+        return ""
+    names = {"f1": "F1", "auc": "AUC"}
+    parts = ", ".join(f"{names.get(k, k)} " + (f"{ci[k][0]:.3f}-{ci[k][1]:.3f}" if k == "auc"
+                                               else f"{100 * ci[k][0]:.1f}-{100 * ci[k][1]:.1f} %") for k in CI_KEYS)
+    return f"{_ci_heading(ci)}: {parts}" if method else parts
+
+
+def _ci_heading(ci: dict) -> str:
+    return f"{100 * ci['confidence']:.0f} % intervals ({ci['method']}, {ci['n_resamples']} resamples)"
+
+
+def format_ci_list(rows: dict[str, dict]) -> str:
+    """A markdown list of each row's ``ci95`` under one heading ('' when no row has one)."""
+    cis = {name: m["ci95"] for name, m in rows.items() if m.get("ci95")}
+    if not cis:
+        return ""
+    head = next(iter(cis.values()))
+    return (f"{_ci_heading(head)}: how much each score depends on which images were drawn\n\n"
+            + "\n".join(f"- {name}: {format_ci(ci, method=False)}" for name, ci in cis.items()))
+
+
 def best_f1_threshold(y_true, prob) -> float:
     """The probability threshold that maximises F1 on (validation) data; 0.5 if undefined."""
     y_true = np.asarray(y_true).astype(int).ravel()

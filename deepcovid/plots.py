@@ -38,12 +38,16 @@ def plot_curves(history: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_roc(y_true, prob, path: Path, title: str = "ROC (validation)") -> Path:
-    """ROC curve of the positive class (the paper's Fig 9)."""
+def plot_roc(y_true, prob, path: Path, title: str = "ROC (validation)", auc_interval=None) -> Path:
+    """ROC curve of the positive class (the paper's Fig 9); ``auc_interval``: (low, high) of AUC's
+    95 % bootstrap interval (``metrics.bootstrap_ci``), written under the curve when given."""
     fpr, tpr = roc_points(y_true, prob)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     RocCurveDisplay(fpr=fpr, tpr=tpr, roc_auc=auc(fpr, tpr)).plot(ax=ax)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    if auc_interval is not None:
+        ax.text(0.97, 0.2, f"AUC 95 % interval over these images:\n{auc_interval[0]:.3f} to {auc_interval[1]:.3f}",
+                transform=ax.transAxes, ha="right", va="bottom", fontsize=8)
     ax.set_title(title)
     return _save(fig, path)
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from .checkpoint import atomic_write_text, read_checkpoint, save_checkpoint, versions
 from .errors import ConfigError, DataError
-from .metrics import METRIC_KEYS, best_f1_threshold, compute_metrics, format_table
+from .metrics import METRIC_KEYS, best_f1_threshold, bootstrap_ci, compute_metrics, format_ci_list, format_table
 from .progress import progress
 
 log = logging.getLogger("deepcovid")
@@ -891,8 +891,8 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
     test_metrics = None
     if not interrupted and splits.test:
         test_metrics = evaluate_on_samples(best_ckpt, splits.test, run_dir, "test", cfg=cfg, device=device)
-        log.info("test (report only, never used for selection): %s",
-                 ", ".join(f"{k} {test_metrics[k]:.4f}" for k in ("accuracy", "f1", "specificity", "auc")))
+        log.info("test (report only, never used for selection): %s%s",
+                 ", ".join(f"{k} {test_metrics[k]:.4f}" for k in ("accuracy", "f1", "specificity", "auc")), _ci_suffix(test_metrics))
     return FitResult(run_dir, arch, int(best_ckpt.meta["epoch"]), best_ckpt.meta["val_metrics"], test_metrics, interrupted)
 
 
@@ -918,9 +918,15 @@ def predict_samples(ckpt, samples, *, cfg: dict | None = None, device: torch.dev
     return y, p, images.bad
 
 
+def _ci_suffix(metrics: dict) -> str:
+    ci = metrics.get("ci95")
+    return f" (AUC 95 % interval over the images {ci['auc'][0]:.4f}-{ci['auc'][1]:.4f})" if ci else ""
+
+
 def evaluate_on_samples(ckpt, samples, out_dir: Path | None, name: str, *, cfg: dict | None = None,
                         device: torch.device | None = None) -> dict:
-    """Metrics of a loaded checkpoint on samples at its stored threshold; also writes
+    """Metrics of a loaded checkpoint on samples at its stored threshold (two classes: also at 0.5,
+    and each with its 95 % bootstrap interval over the images, ``ci95``); also writes
     ``<name>_metrics.json`` and ROC/confusion plots into ``out_dir`` when given."""
     from .plots import plot_confusion, plot_roc
 
@@ -931,13 +937,16 @@ def evaluate_on_samples(ckpt, samples, out_dir: Path | None, name: str, *, cfg: 
     m = compute_metrics(y, p, classes, thr)
     m["n"] = int(len(y))
     m["skipped"] = bad
-    if len(classes) == 2 and thr != 0.5:
-        m["at_0.5"] = {k: v for k, v in compute_metrics(y, p, classes, 0.5).items()}
+    if len(classes) == 2:
+        m["ci95"] = bootstrap_ci(y, p, thr)
+        if thr != 0.5:
+            m["at_0.5"] = {**compute_metrics(y, p, classes, 0.5), "ci95": bootstrap_ci(y, p, 0.5)}
     if out_dir is not None:
         out_dir = Path(out_dir)
         atomic_write_text(out_dir / f"{name}_metrics.json", json.dumps(m, indent=2, sort_keys=True) + "\n")
         if len(classes) == 2:
-            plot_roc(y, p, out_dir / f"roc_{name}.png", f"ROC, {name} ({meta['arch']})")
+            plot_roc(y, p, out_dir / f"roc_{name}.png", f"ROC, {name} ({meta['arch']})",
+                     auc_interval=m["ci95"]["auc"] if m.get("ci95") else None)
             y_pred = (p >= thr).astype(int)
         else:
             y_pred = p.argmax(1)
@@ -1096,8 +1105,8 @@ def fit_ensemble(cfg: dict, data_root: Path, output: Path) -> FitResult:
     if splits.test:
         test_metrics = evaluate_on_samples(read_checkpoint(run_dir / "best.safetensors"), splits.test, run_dir, "test",
                                            cfg=cfg, device=device)
-        log.info("ensemble test (report only, never used for selection): %s",
-                 ", ".join(f"{k} {test_metrics[k]:.4f}" for k in ("accuracy", "f1", "specificity", "auc")))
+        log.info("ensemble test (report only, never used for selection): %s%s",
+                 ", ".join(f"{k} {test_metrics[k]:.4f}" for k in ("accuracy", "f1", "specificity", "auc")), _ci_suffix(test_metrics))
     ens = FitResult(run_dir, "ensemble", meta["epoch"], val_metrics, test_metrics, False)
     _print_results([({}, r) for r in (*results, ens)], run_dir, save=True)
     return ens
@@ -1246,6 +1255,9 @@ def _print_results(results, output: Path, save: bool) -> None:
     print("\nValidation (best epoch of each model, at its stored threshold):\n" + table)
     tests = {res.run_dir.name: res.test_metrics for _, res in results if res.test_metrics}
     test_table = format_table(tests) if tests else ""
+    intervals = format_ci_list(tests)
+    if intervals:
+        test_table += "\n\n" + intervals
     if test_table:
         print("\ntest/ (report only):\n" + test_table)
     for _, res in results:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import json
 import logging
 import os
 import re
@@ -375,8 +376,6 @@ class ModelRegistry:
 
     @staticmethod
     def _entry_for_file(weights: Path) -> dict:
-        import json
-
         sidecar = weights.with_suffix(".json")
         meta: dict = {}
         try:
@@ -540,7 +539,32 @@ def model_card_markdown(entry: dict) -> str:
                     "| " + " | ".join(_fmt_metric(vm[k]) for k in keys) + " |"]
         if counts:
             out += ["", "Confusion counts: " + ", ".join(f"{k.upper()} {_fmt_metric(vm[k])}" for k in counts)]
+    out += _test_report_markdown(entry.get("run_dir"))
     return "\n".join(out)
+
+
+def _test_report_markdown(run_dir) -> list[str]:
+    """The run's own ``test_metrics.json`` (written by training on ``ROOT/test``, never used to
+    choose anything) with its 95 % intervals: validation comes from the training distribution
+    and overstates, so the card shows the held-out scores too when the run has them."""
+    if not run_dir:
+        return []
+    keys = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
+    try:
+        tm = json.loads((Path(run_dir) / "test_metrics.json").read_text())
+        scores = [_fmt_metric(float(tm[k])) for k in keys]
+        ci = tm.get("ci95")
+        spans = [f"{_fmt_metric(float(ci[k][0]))}–{_fmt_metric(float(ci[k][1]))}" for k in keys] if ci else None
+        n = int(tm["n"])
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):  # absent or not ours: go without
+        return []
+    out = ["", f"**Held-out test images** ({n} images from the training data's `test/` folder, at the same "
+               "threshold; reported, never used to choose anything)", "",
+           "| " + " | ".join(keys) + " |", "|" + "---:|" * len(keys), "| " + " | ".join(scores) + " |"]
+    if spans:
+        out += ["| " + " | ".join(spans) + " |", "",
+                "Second row: 95 % interval over the images (how much the score depends on which images were drawn)."]
+    return out
 
 
 def find_roc_png(run_dir) -> Path | None:
@@ -684,7 +708,7 @@ def build_demo(predictor=None, *, checkpoints_dir="checkpoints", checkpoint="bes
                            print_exception=False) from None
         return exp.label, dict(exp.probabilities), exp.threshold, as_png_image(exp.overlay, "Grad-CAM overlay")
 
-    def preview(file_path):
+    def preview(file_path, model_path=None):
         if not file_path:
             return gr.update(value=None), ""
         try:
@@ -702,6 +726,13 @@ def build_demo(predictor=None, *, checkpoints_dir="checkpoints", checkpoint="bes
         info = f"{_md_escape(name)}: {image.source_format}, {image.bit_depth}-bit, {w}×{h} px"
         if image.notes:
             info += " — " + "; ".join(_md_escape(n) for n in image.notes)
+        try:
+            clahe = registry.entry(model_path).get("clahe")
+        except DeepCovidError:
+            clahe = None
+        if clahe:  # what the model reads differs from what is shown: say so
+            info += (f" — shown as decoded; this model equalises contrast (CLAHE, clip {_md_escape(clahe)}) "
+                     "after resizing, before reading it")
         return as_png_image(image.to_uint8_rgb(), "preview"), info
 
     def on_model_change(model_path):
@@ -732,7 +763,7 @@ def build_demo(predictor=None, *, checkpoints_dir="checkpoints", checkpoint="bes
                 file_in = gr.File(label="Chest X-ray (DICOM, PNG 8/16-bit, JPEG, TIFF, BMP, WebP)",
                                   file_types=list(FILE_TYPES), type="filepath", file_count="single",
                                   elem_id="dc-upload", height=120)
-                preview_img = gr.Image(label="Uploaded image (as the model reads it)", type="numpy",
+                preview_img = gr.Image(label="Uploaded image (as decoded)", type="numpy",
                                        interactive=False, format="png", height=280, elem_id="dc-preview",
                                        buttons=["fullscreen"])
                 preview_info = gr.Markdown("", elem_id="dc-preview-info")
@@ -784,7 +815,7 @@ def build_demo(predictor=None, *, checkpoints_dir="checkpoints", checkpoint="bes
             api_overlay = gr.Image(label="overlay", type="numpy", format="png", buttons=[])
             api_btn = gr.Button("predict")
 
-        file_in.change(preview, inputs=file_in, outputs=[preview_img, preview_info], api_visibility="private",
+        file_in.change(preview, inputs=[file_in, model_dd], outputs=[preview_img, preview_info], api_visibility="private",
                        show_progress="minimal")
         model_dd.change(on_model_change, inputs=model_dd, outputs=[target_dd, card_md, roc_out],
                         api_visibility="private", queue=False)

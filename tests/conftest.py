@@ -60,7 +60,8 @@ def make_image_folder(root: Path, counts: dict[str, int], size: int = 64, seed: 
 
 
 def make_checkpoint(run_dir: Path, arch: str = "efficientnet_lite0", classes=("NORMAL", "PNEUMONIA"),
-                    input_size: int = 64, threshold: float = 0.5, seed: int = 0, f1: float = 0.8) -> Path:
+                    input_size: int = 64, threshold: float = 0.5, seed: int = 0, f1: float = 0.8,
+                    clahe: float = 0.0) -> Path:
     """A valid, randomly initialised checkpoint (no training), for inference/app tests."""
     from deepcovid.checkpoint import save_checkpoint, versions
     from deepcovid.models import build_model, get_spec
@@ -80,6 +81,8 @@ def make_checkpoint(run_dir: Path, arch: str = "efficientnet_lite0", classes=("N
         "data": {"train_counts": {c: 10 for c in classes}, "val_counts": {c: 2 for c in classes}, "fingerprint": "test"},
         "run": Path(run_dir).name,
     }
+    if clahe:
+        meta["clahe"] = float(clahe)
     return save_checkpoint(Path(run_dir), "best", model.state_dict(), meta)
 
 

@@ -54,10 +54,15 @@ def app(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("browser")
     run = root / "checkpoints" / "tiny-run"
-    make_checkpoint(run)
+    make_checkpoint(run, clahe=2.0)  # a model that equalises contrast: the page must say so
+    import json
+
+    from deepcovid.metrics import binary_metrics, bootstrap_ci
     from deepcovid.plots import plot_roc
 
-    plot_roc([0, 0, 1, 1, 0, 1], [0.1, 0.4, 0.35, 0.8, 0.2, 0.9], run / "roc_val.png")
+    y, p = [0, 0, 1, 1, 0, 1], [0.1, 0.4, 0.35, 0.8, 0.2, 0.9]
+    plot_roc(y, p, run / "roc_val.png")
+    (run / "test_metrics.json").write_text(json.dumps({**binary_metrics(y, p), "n": 6, "ci95": bootstrap_ci(y, p)}))
     examples = make_image_folder(root / "examples", {"PNEUMONIA": 2}, size=128)
     demo = build_demo(checkpoints_dir=root / "checkpoints", examples_dir=examples / "PNEUMONIA")
     port = free_port()
@@ -110,9 +115,11 @@ def test_upload_analyse_and_screenshot(app, page, tmp_path):
     page.get_by_text("Research use only — not a medical device.").first.wait_for()
     page.locator("#dc-upload input[type=file]").set_input_files(str(xray))
     page.locator("#dc-preview img").first.wait_for(state="visible")  # decoded on the server, shown back
+    page.locator("#dc-preview-info").get_by_text("this model equalises contrast (CLAHE, clip 2.0)").wait_for()
     page.locator("#dc-acts input[type=checkbox]").check()
     page.locator("#dc-model-card").get_by_text("Model card").click()
     page.locator("#dc-model-card").get_by_text("Validation metrics").wait_for()
+    page.locator("#dc-model-card").get_by_text("Held-out test images").wait_for()  # with 95 % intervals
     page.locator("#dc-run").click()
 
     decision = page.locator("#dc-decision")

@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from deepcovid.metrics import best_f1_threshold, binary_metrics, format_table, multiclass_metrics
+from deepcovid.metrics import (CI_KEYS, _class_sample_metrics, best_f1_threshold, binary_metrics, bootstrap_ci, format_ci,
+                               format_ci_list, format_table, multiclass_metrics)
 
 
 def test_binary_metrics_match_a_hand_worked_confusion_matrix():
@@ -45,3 +46,44 @@ def test_undefined_auc_is_nan_and_table_prints_it():
     m = binary_metrics([1, 1], [0.9, 0.8])
     assert math.isnan(m["auc"])
     assert "nan" in format_table({"x": m})
+
+
+# --- bootstrap intervals -----------------------------------------------------------------------
+
+def test_vectorised_interval_statistic_equals_scikit_learn_on_every_resample():
+    rng = np.random.default_rng(0)
+    y = np.array([1] * 30 + [0] * 20)
+    p = np.round(rng.random(50), 1)  # rounded: many ties, which AUC must count as half
+    for thr in (0.05, 0.5, 0.95):
+        batch = rng.integers(0, 30, (7, 30)), rng.integers(30, 50, (7, 20))
+        got = _class_sample_metrics(p[batch[0]], p[batch[1]], thr)  # 7 resamples at once
+        for i in range(7):
+            ref = binary_metrics(np.r_[np.ones(30), np.zeros(20)], np.r_[p[batch[0][i]], p[batch[1][i]]], thr)
+            assert got[:, i] == pytest.approx([ref[k] for k in CI_KEYS])
+    # the resample axis may come first (scipy decides)
+    a, b = rng.random((30, 4)), rng.random((20, 4))
+    assert np.allclose(_class_sample_metrics(a, b, 0.5, axis=0), _class_sample_metrics(a.T, b.T, 0.5))
+
+
+def test_bootstrap_interval_brackets_the_score_narrows_with_more_images_and_keeps_class_counts():
+    rng = np.random.default_rng(1)
+    y = np.array([1] * 60 + [0] * 40)
+    p = np.clip(np.where(y == 1, 0.65, 0.35) + rng.normal(0, 0.2, 100), 0, 1)
+    m, ci = binary_metrics(y, p, 0.5), bootstrap_ci(y, p, 0.5)
+    for k in CI_KEYS:
+        lo, hi = ci[k]
+        assert lo <= m[k] <= hi and lo < hi
+    assert ci["confidence"] == 0.95 and ci == bootstrap_ci(y, p, 0.5)  # seeded: the same interval each time
+    big = bootstrap_ci(np.tile(y, 16), np.tile(p, 16), 0.5)  # 16x the images, same scores: about 1/4 the width
+    width = lambda c: c["auc"][1] - c["auc"][0]
+    assert 0.15 < width(big) / width(ci) < 0.4
+    # resampling within each class: normals all below the threshold stay a specificity of exactly 1
+    sep = np.where(y == 1, p, np.minimum(p, 0.4))
+    assert bootstrap_ci(y, sep, 0.5)["specificity"] == [1.0, 1.0]
+    # a class with fewer than two images has no interval
+    assert bootstrap_ci([1, 1, 1, 0], [0.9, 0.8, 0.7, 0.1]) is None
+    lo, hi = ci["auc"]
+    assert f"AUC {lo:.3f}-{hi:.3f}" in format_ci(ci) and format_ci(ci).startswith("95 % intervals") and format_ci(None) == ""
+    listed = format_ci_list({"a": {"ci95": ci}, "b": {"ci95": None}, "c": {"ci95": big}})
+    assert listed.startswith("95 % intervals") and listed.count("\n- ") == 2 and f"- a: {format_ci(ci, method=False)}" in listed
+    assert format_ci_list({"b": {}}) == ""

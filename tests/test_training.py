@@ -203,8 +203,12 @@ def test_evaluate_cli_writes_every_key(dataset, tmp_path, capsys):
     for k in ("tp", "tn", "fp", "fn", "accuracy", "precision", "recall", "specificity", "f1", "auc", "threshold"):
         assert k in m
     assert m["tp"] + m["tn"] + m["fp"] + m["fn"] == 8 and m["at_0.5"]["threshold"] == 0.5
+    for row in (m, m["at_0.5"]):  # 95 % intervals over the images, around each score
+        for k in ("accuracy", "precision", "recall", "specificity", "f1", "auc"):
+            assert row["ci95"][k][0] <= row[k] <= row["ci95"][k][1]
     assert (out.parent / "roc_eval.png").is_file()
-    assert "stored threshold" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "stored threshold" in printed and "95 % intervals" in printed
 
 
 def test_resolve_config_precedence():
