@@ -891,8 +891,7 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
     test_metrics = None
     if not interrupted and splits.test:
         test_metrics = evaluate_on_samples(best_ckpt, splits.test, run_dir, "test", cfg=cfg, device=device)
-        log.info("test (report only, never used for selection): %s%s",
-                 ", ".join(f"{k} {test_metrics[k]:.4f}" for k in ("accuracy", "f1", "specificity", "auc")), _ci_suffix(test_metrics))
+        log.info("test (report only, never used for selection): %s", _test_summary(test_metrics))
     return FitResult(run_dir, arch, int(best_ckpt.meta["epoch"]), best_ckpt.meta["val_metrics"], test_metrics, interrupted)
 
 
@@ -918,9 +917,11 @@ def predict_samples(ckpt, samples, *, cfg: dict | None = None, device: torch.dev
     return y, p, images.bad
 
 
-def _ci_suffix(metrics: dict) -> str:
+def _test_summary(metrics: dict) -> str:
+    """The one-line test/ report of a training log: four scores and AUC's interval."""
     ci = metrics.get("ci95")
-    return f" (AUC 95 % interval over the images {ci['auc'][0]:.4f}-{ci['auc'][1]:.4f})" if ci else ""
+    return (", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "f1", "specificity", "auc"))
+            + (f" (AUC 95 % interval over the images {ci['auc'][0]:.4f}-{ci['auc'][1]:.4f})" if ci else ""))
 
 
 def evaluate_on_samples(ckpt, samples, out_dir: Path | None, name: str, *, cfg: dict | None = None,
@@ -1105,8 +1106,7 @@ def fit_ensemble(cfg: dict, data_root: Path, output: Path) -> FitResult:
     if splits.test:
         test_metrics = evaluate_on_samples(read_checkpoint(run_dir / "best.safetensors"), splits.test, run_dir, "test",
                                            cfg=cfg, device=device)
-        log.info("ensemble test (report only, never used for selection): %s%s",
-                 ", ".join(f"{k} {test_metrics[k]:.4f}" for k in ("accuracy", "f1", "specificity", "auc")), _ci_suffix(test_metrics))
+        log.info("ensemble test (report only, never used for selection): %s", _test_summary(test_metrics))
     ens = FitResult(run_dir, "ensemble", meta["epoch"], val_metrics, test_metrics, False)
     _print_results([({}, r) for r in (*results, ens)], run_dir, save=True)
     return ens
