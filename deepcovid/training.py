@@ -77,6 +77,9 @@ DEFAULTS: dict = {
     "no_augment": False,
     "balance": "weighted-loss",
     "label_smoothing": 0.0,
+    # MixUp (Zhang et al., ICLR 2018): each training batch becomes convex mixtures of pairs of
+    # its images and their labels, mixing weight ~ Beta(alpha, alpha). 0: off.
+    "mixup": 0.0,
     "device": "auto",
     "workers": None,         # None: 0 on CPU (the cores are busy with the model); on CUDA all cores but one
     "cache": "disk",
@@ -184,6 +187,8 @@ def validate_config(cfg: dict) -> None:
         raise ConfigError(f"--lr must be a non-negative number, got {cfg['lr']!r}")
     if not 0 <= cfg["label_smoothing"] < 0.5:
         raise ConfigError(f"--label-smoothing must be in [0, 0.5), got {cfg['label_smoothing']}")
+    if not (isinstance(cfg["mixup"], (int, float)) and math.isfinite(cfg["mixup"]) and cfg["mixup"] >= 0):
+        raise ConfigError(f"--mixup must be a non-negative number (Beta alpha; 0: off), got {cfg['mixup']!r}")
     if cfg["input_size"] is not None and int(cfg["input_size"]) < 32:
         raise ConfigError(f"--input-size must be at least 32, got {cfg['input_size']}")
     parse_freeze(cfg["freeze"])
@@ -328,10 +333,33 @@ def model_input(x: torch.Tensor, device: torch.device, prepare=None) -> torch.Te
     return x
 
 
+class BatchMixUp:
+    """torchvision's ``v2.MixUp`` on a model-ready batch, with targets in the loss's own format:
+    the positive class's share for the one-logit BCE of two classes, the whole (B, K) label
+    distribution for cross-entropy. Pairs are neighbours in the batch, so the batch must be
+    shuffled (the training loaders are)."""
+
+    def __init__(self, alpha: float, num_classes: int):
+        from torchvision.transforms import v2
+
+        self.mix = v2.MixUp(alpha=float(alpha), num_classes=num_classes)
+        self.binary = num_classes == 2
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        x, soft = self.mix(x, y)
+        if channels_last:  # MixUp's roll returns the default layout
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, (soft[:, 1] if self.binary else soft)
+
+
 def train_one_epoch(model, loader, criterion, optimizer, device, *, epoch: int, amp=None, scaler=None,
                     max_batches: int | None = None, aux_weight: float = 0.4, desc: str = "train",
-                    sync_every: int | None = None, prepare=None):
+                    sync_every: int | None = None, prepare=None, mix=None):
     """One pass over ``loader``; returns (mean loss, labels, probabilities).
+
+    ``mix`` (a :class:`BatchMixUp`) trains on mixed batches; the returned probabilities are then
+    the model's on the mixtures, against each image's own label.
 
     The loss check and the progress bar read the loss on the host every ``sync_every`` batches
     (default: every batch on the CPU, where reading is free; every 20 on an accelerator, where
@@ -357,14 +385,17 @@ def train_one_epoch(model, loader, criterion, optimizer, device, *, epoch: int, 
             break
         x = model_input(x, device, prepare)
         y = y.to(device, non_blocking=True)
+        target = y
+        if mix is not None and len(y) > 1:
+            x, target = mix(x, y)
         with amp():
             out = model(x)
             if isinstance(out, tuple):  # InceptionV3 in training: (logits, aux_logits)
                 logits, aux = out
-                loss = criterion(logits, y) + aux_weight * criterion(aux, y)
+                loss = criterion(logits, target) + aux_weight * criterion(aux, target)
             else:
                 logits = out
-                loss = criterion(logits, y)
+                loss = criterion(logits, target)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -743,6 +774,10 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
     model = build_model(arch, len(classes), weights="none" if resume_state else cfg["weights"], freeze=cfg["freeze"])
     if resume_state is not None:
         model.load_state_dict(resume_state.state_dict)
+    feature_cached = bool(cfg["feature_cache"]) and model.split_frozen(cfg["freeze"]) is not None
+    if cfg["mixup"] and feature_cached:
+        raise ConfigError("--mixup mixes images, but this run trains on cached outputs of the frozen layers: "
+                          "add --no-feature-cache, or fine-tune the whole model (--freeze none)")
 
     if resume is None:
         run_dir = Path(output) / _run_name(cfg, arch)
@@ -767,7 +802,6 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
 
     data_meta = {**splits.describe(), "train_counts": train_counts, "val_counts": val_counts,
                  "skipped": img_train.bad + img_val.bad}
-    feature_cached = bool(cfg["feature_cache"]) and model.split_frozen(cfg["freeze"]) is not None
     train_loader, val_loader, aug_cfg, prepare, train_prepare = _loaders(splits, spec_cfg, cfg, device, img_train, img_val,
                                                                          feature_cached)
     criterion = make_criterion(len(classes), list(train_counts.values()), cfg["balance"], cfg["label_smoothing"]).to(device)
@@ -787,6 +821,7 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     if cfg["head_epochs"] and resume_state is None and parse_freeze(cfg["freeze"]) != "backbone":
         linear_probe(model, train_loader.dataset, val_loader.dataset, criterion, eval_criterion, cfg, device, amp, prepare)
+    mix = BatchMixUp(cfg["mixup"], len(classes)) if cfg["mixup"] else None
     step_model = model
     split = model.split_frozen(cfg["freeze"]) if cfg["feature_cache"] else None
     if split is not None:
@@ -826,7 +861,7 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
             epoch_loader = train_loader(epoch) if callable(train_loader) else train_loader
             tr_loss, tr_y, tr_p = train_one_epoch(train_model, epoch_loader, criterion, optimizer, device, epoch=epoch,
                                                   amp=amp, scaler=scaler, max_batches=cfg["max_train_batches"],
-                                                  prepare=train_prepare)
+                                                  prepare=train_prepare, mix=mix)
             va_loss, va_y, va_p = evaluate(step_model, val_loader, eval_criterion, device, amp=amp, prepare=prepare)
             threshold = choose_threshold(cfg, va_y, va_p, binary)
             tr_m = compute_metrics(tr_y, tr_p, classes, 0.5)
@@ -960,7 +995,7 @@ def evaluate_on_samples(ckpt, samples, out_dir: Path | None, name: str, *, cfg: 
 # ---------------------------------------------------------------------------------------
 
 GRID_KEYS = {"lr": float, "batch_size": int, "optimizer": str, "arch": str, "weights": str,
-             "freeze": str, "label_smoothing": float, "input_size": int, "epochs": int}
+             "freeze": str, "label_smoothing": float, "mixup": float, "input_size": int, "epochs": int}
 
 
 def parse_grid(text: str) -> list[dict]:
@@ -1172,6 +1207,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", help="decision threshold of a two-class model: val-f1 (default: the F1-optimal "
                                        "threshold on the validation split) or a fixed probability, e.g. 0.5")
     p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--mixup", type=float, metavar="ALPHA",
+                   help="MixUp: train on mixtures of pairs of images and their labels, weight ~ Beta(ALPHA, ALPHA); "
+                        "0: off (default); needs the images, so not with a cached frozen backbone")
     p.add_argument("--positive-class", help="the positive class for two classes (default: the one not named NORMAL)")
     p.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, mps")
     p.add_argument("--workers", type=int, help="data-loader worker processes (default: 0 on CPU, all cores but one on CUDA)")

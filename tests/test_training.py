@@ -176,6 +176,8 @@ def test_grid_picks_the_better_trial(dataset, tmp_path):
     (["--preset", "magic"], "unknown --preset"),
     (["--clahe", "-1"], "CLAHE clip limit"),
     (["--clahe", "nan"], "CLAHE clip limit"),
+    (["--mixup", "-1"], "--mixup must be"),
+    (["--mixup", "nan"], "--mixup must be"),
 ])
 def test_bad_flags_give_clear_errors(dataset, tmp_path, capsys, argv, message):
     rc = main(["train", "--data", str(dataset), "--output", str(tmp_path), *argv])
@@ -410,3 +412,47 @@ def test_clahe_is_trained_on_stored_and_applied_by_inference(dataset, tmp_path):
                               want, atol=1e-2)
     with pytest.raises(ConfigError, match="CLAHE"):
         Predictor(ckpt.build_model(), {**ckpt.meta, "clahe": "lots"})
+
+
+def test_mixup_mixes_pairs_of_images_and_their_labels():
+    from deepcovid.training import BatchMixUp
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
+    xm, t = BatchMixUp(0.4, 2)(x.clone(), y)
+    lam = float(t[1])  # image 1 (label 1) mixed with its neighbour, image 0 (label 0)
+    assert 0.0 < lam < 1.0 and t.shape == (6,)
+    assert torch.allclose(t, lam * y + (1 - lam) * y.roll(1).float())
+    assert torch.allclose(xm, lam * x + (1 - lam) * x.roll(1, 0), atol=1e-6)
+    assert xm.is_contiguous(memory_format=torch.channels_last)
+    _, t3 = BatchMixUp(0.4, 3)(x.clone(), torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert t3.shape == (6, 3) and torch.allclose(t3.sum(1), torch.ones(6))
+
+
+def test_mixup_run_trains_on_soft_labels_and_refuses_cached_features(dataset, tmp_path, monkeypatch):
+    from deepcovid import training
+
+    calls = []
+    original = training.BatchMixUp.__call__
+
+    def spy(self, x, y):
+        x, t = original(self, x, y)
+        calls.append(t.clone())
+        return x, t
+
+    monkeypatch.setattr(training.BatchMixUp, "__call__", spy)
+    cfg = resolve_config({**FAST, "epochs": 1, "lr": 1e-2})
+    fit({**cfg, "run_name": "plain"}, dataset, tmp_path)
+    assert calls == []
+    fit({**cfg, "mixup": 0.4, "run_name": "mix"}, dataset, tmp_path)
+    assert calls and all(((t > 0) & (t < 1)).any() for t in calls)  # soft labels reached the loss
+    assert json.loads((tmp_path / "mix" / "config.json").read_text())["mixup"] == 0.4
+    assert load_checkpoint(tmp_path / "mix").meta["config"]["mixup"] == 0.4
+    a, b = (read_checkpoint(tmp_path / n / "best.safetensors").state_dict for n in ("plain", "mix"))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("head."))
+
+    frozen = resolve_config({**FAST, "freeze": "backbone", "mixup": 0.4})
+    with pytest.raises(ConfigError, match="--no-feature-cache"):
+        fit({**frozen, "run_name": "frozen"}, dataset, tmp_path)
+    assert not (tmp_path / "frozen").exists()
