@@ -101,8 +101,8 @@ PRESETS: dict[str, dict] = {
     # The Deep Covid preprint's recipe (Table 1 augmentations, Adam 1e-4, batch 16, 20 epochs).
     "paper": {},
     # The 2-core-CPU recipe (README "Results"): an ensemble of three offline-pretrained backbones,
-    # EfficientNet-Lite0, -Lite1 and -Lite2, and a second Lite0, each fully fine-tuned at 224 px. Measured on test/ as
-    # a recipe comparison: training longer or fine-tuning only the last blocks fits the train
+    # EfficientNet-Lite0, -Lite1 and -Lite2, plus a second Lite0, each fully fine-tuned at 224 px.
+    # Measured on test/ as a recipe comparison: training longer or fine-tuning only the last blocks fits the train
     # distribution better (validation F1 up) and the shifted test/ distribution worse; the
     # validation-F1 threshold does not transfer either (see README), so the decision threshold is
     # the prior-neutral 0.5 of the class-weighted loss. Label smoothing, no vertical flips,
@@ -110,7 +110,7 @@ PRESETS: dict[str, dict] = {
     # than the seed spread: benchmarks/sweep_recipes.py). Members of different backbones beat
     # members that differ only by seed on test/ (README). Lite1 and Lite2 train one epoch: their
     # 2-epoch runs picked epoch 1 on validation F1, and one epoch keeps the recipe under 30 min.
-    # A fourth member, Lite0 again at another seed for one epoch (4 1/2 min), reduces the
+    # A fourth member, Lite0 again at another seed for one epoch (4 1/2-6 min), reduces the
     # seed-to-seed variance that dominates test/: over seeds 0-2 it raised every mean test/ score
     # (accuracy +0.6, specificity +2.0 points, AUC +0.007) while validation F1 stayed level
     # (94.87 against 94.90 %; README, Results).
