@@ -830,7 +830,7 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
         linear_probe(model, train_loader.dataset, val_loader.dataset, criterion, eval_criterion, cfg, device, amp, prepare)
     mix = BatchMixUp(cfg["mixup"], len(classes)) if cfg["mixup"] else None
     step_model = model
-    split = model.split_frozen(cfg["freeze"]) if cfg["feature_cache"] else None
+    split = model.split_frozen(cfg["freeze"]) if feature_cached else None
     if split is not None:
         # The frozen part's output for an image never changes during training: compute it once
         # per (augmented) view, then train only the rest on it (benchmarks/bench_training.py).

@@ -549,7 +549,7 @@ def _test_report_markdown(run_dir) -> list[str]:
     and overstates, so the card shows the held-out scores too when the run has them."""
     if not run_dir:
         return []
-    keys = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
+    from .metrics import CI_KEYS as keys  # the six two-class scores, each with an interval
     try:
         tm = json.loads((Path(run_dir) / "test_metrics.json").read_text())
         scores = [_fmt_metric(float(tm[k])) for k in keys]
