@@ -21,11 +21,12 @@ Speed options (``Predictor(..., precision=..., backend=...)``, CLI ``--precision
 
 * the model and its inputs are always ``channels_last`` on CPU and CUDA (oneDNN's fast layout;
   the same numbers as NCHW to float rounding);
-* ``precision``: ``"auto"`` (default: float32 on CPU/MPS, autocast on CUDA as before),
-  ``"fp32"`` (never autocast) or ``"bf16"`` (``torch.autocast`` to bfloat16 for ``predict``,
-  CPU or CUDA; probabilities within ~1e-2 of fp32). ``explain`` under ``"bf16"`` still runs in
-  float32: bfloat16 backbone features moved the normalised Grad-CAM too much (correlation with
-  the fp32 CAM down to ~0.56 on real X-rays), while the probabilities moved by ~2e-3;
+* ``precision``: ``"auto"`` (default) and ``"fp32"``: float32 on every device, on CUDA with
+  TF32 off, so a GPU gives the CPU's probabilities (``auto`` autocast on CUDA until 2026-11-26:
+  on an H100 its probabilities were 0.022 from the CPU's, TF32 float32's 1.3e-3); ``"bf16"``
+  (``torch.autocast`` to bfloat16 for ``predict``, CPU or CUDA; probabilities within ~1e-2 of
+  fp32). ``explain`` always runs in float32: bfloat16 backbone features moved the normalised
+  Grad-CAM too much (correlation with the fp32 CAM down to ~0.56 on real X-rays);
 * ``backend``: ``"eager"`` (default), ``"compile"`` (``torch.compile`` with inductor freezing,
   compiled once at construction: tens of seconds, needs a C++ compiler) or ``"onnx"`` (the eval
   model exported to ONNX and run by an onnxruntime CPU session; fp32 and CPU only). Backends
@@ -117,11 +118,7 @@ def check_backend(backend: str) -> str:
 
 def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device`` (None: plain float32)."""
-    if precision == "fp32":
-        return None
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision in ("fp32", "auto"):
         return None
     # bf16
     if device.type == "cpu":
@@ -129,6 +126,24 @@ def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     raise ConfigError(f"precision 'bf16' is not supported on device {device}; use precision 'auto' or 'fp32'")
+
+
+@contextlib.contextmanager
+def ieee_float32(device: torch.device):
+    """float32 that means float32 on CUDA too. cuDNN runs float32 convolutions as TF32 by default
+    (a 10-bit mantissa): on an H100 that moved a ResNet50's probabilities by 1.3e-3 from the
+    CPU's; with TF32 off they agreed to 1e-6 (16 X-rays, `deepcovid predict`'s six decimals).
+    Process-wide switches, so they are set only inside the predictor's lock and restored after.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 class Predictor:
@@ -185,10 +200,10 @@ class Predictor:
 
         self.device = resolve_device(device)
         self.amp_dtype = _amp_dtype(self.precision, self.device)
-        # Explanations stay float32 under precision 'bf16': bfloat16 features change the Grad-CAM
+        # Explanations are float32 whatever the precision: bfloat16 features change the Grad-CAM
         # far more than the probabilities (CAM correlation down to ~0.56 vs fp32 on real X-rays,
-        # see benchmarks/bench_inference.py). 'auto' keeps the CUDA autocast it always had.
-        self.explain_amp_dtype = self.amp_dtype if self.precision == "auto" else None
+        # see benchmarks/bench_inference.py). The benchmark sets this to measure exactly that.
+        self.explain_amp_dtype = None
         if self.backend == "onnx" and (self.device.type != "cpu" or self.amp_dtype is not None):
             raise ConfigError("backend 'onnx' runs float32 on the CPU only; use device 'cpu' with precision "
                               "'auto' or 'fp32', or another backend")
@@ -304,11 +319,12 @@ class Predictor:
         return x.to(self.device)
 
     def _autocast(self, explain: bool = False):
-        """Autocast for ``predict`` (``amp_dtype``), or for ``explain`` (``explain_amp_dtype``)."""
+        """Autocast for ``predict`` (``amp_dtype``), or for ``explain`` (``explain_amp_dtype``);
+        without one, IEEE float32 (see ``ieee_float32``)."""
         dtype = self.explain_amp_dtype if explain else self.amp_dtype
         if dtype is not None:
             return torch.autocast(self.device.type, dtype=dtype)
-        return contextlib.nullcontext()
+        return ieee_float32(self.device)
 
     def _probabilities(self, logits: torch.Tensor) -> np.ndarray:
         """(B, num_outputs) logits -> (B, K) probabilities in ``classes`` order."""

@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward with --no-cam (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all this process may use)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="auto (default: float32 on CPU, autocast on CUDA), fp32, or bf16 (bfloat16 autocast for "
+                        help="auto (default) or fp32: float32 on every device (TF32 off on CUDA), or bf16 (bfloat16 autocast for "
                              "the predictions: faster on CPUs with AVX512-BF16/AMX, probabilities within ~1e-2 of "
                              "fp32; explanations stay float32)")
     parser.add_argument("--backend", default="eager", choices=BACKENDS,

@@ -91,6 +91,41 @@ def test_defaults_are_fp32_eager_channels_last_on_cpu(tiny_checkpoint, images, r
     assert conv_output_dtypes(p, lambda: p.predict(images[0])) == {torch.float32}
 
 
+def test_ieee_float32_turns_tf32_off_on_cuda_only_and_restores_it():
+    """The process-wide TF32 switches (which cuDNN reads even on this CPU-only machine's build)
+    are off inside a CUDA predictor call and back as they were after, also after an error."""
+    from deepcovid.inference import ieee_float32
+
+    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
+    saved = flags()
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+        with ieee_float32(torch.device("cpu")):
+            assert flags() == (True, True)
+        with ieee_float32(torch.device("cuda")):
+            assert flags() == (False, False)
+        assert flags() == (True, True)
+        with pytest.raises(RuntimeError), ieee_float32(torch.device("cuda")):
+            raise RuntimeError("model failed")
+        assert flags() == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on a GPU machine)")
+def test_cuda_default_gives_the_cpus_float32_probabilities_and_cam(tiny_checkpoint, images, reference):
+    """'auto' on CUDA is float32 with TF32 off: a GPU and the CPU agree on what a clinician sees."""
+    p = Predictor.from_checkpoint(tiny_checkpoint, device="cuda")
+    assert p.amp_dtype is None and p.explain_amp_dtype is None
+    assert conv_output_dtypes(p, lambda: p.predict(images[0])) == {torch.float32}
+    np.testing.assert_allclose(probs(p, images), probs(reference, images), atol=1e-5)
+    for im in images[:2]:
+        a, b = p.explain(im, activations=True), reference.explain(im, activations=True)
+        assert a.target_class == b.target_class
+        assert a.probabilities == pytest.approx(b.probabilities, abs=1e-5)
+        np.testing.assert_allclose(a.cam, b.cam, atol=1e-3)
+
+
 # --- agreement with fp32 eager NCHW -----------------------------------------------------------
 
 def test_channels_last_agrees_with_nchw_for_predict_and_explain(tiny_checkpoint, images, reference):
