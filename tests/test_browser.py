@@ -120,6 +120,17 @@ def test_upload_analyse_and_screenshot(app, page, tmp_path):
     page.locator("#dc-model-card").get_by_text("Model card").click()
     page.locator("#dc-model-card").get_by_text("Validation metrics").wait_for()
     page.locator("#dc-model-card").get_by_text("Held-out test images").wait_for()  # with 95 % intervals
+    # In a narrow window the card's labels ("Architecture", "Decision threshold", ...) and every
+    # table heading ("specificity", ...) each read on one line, not broken mid-word (a wide
+    # table scrolls instead): the distinct line tops of each cell's text.
+    page.set_viewport_size({"width": 900, "height": 1000})  # a laptop window beside another
+    lines_js = ("cells => cells.map(c => { const r = document.createRange(); r.selectNodeContents(c);"
+                " return [c.innerText, new Set([...r.getClientRects()].map(x => Math.round(x.top))).size]; })")
+    label_lines = page.locator("#dc-model-card table").first.locator("tr > :first-child").evaluate_all(lines_js)
+    heading_lines = page.locator("#dc-model-card th").evaluate_all(lines_js)
+    assert len(label_lines) >= 5 and len(heading_lines) >= 12, (label_lines, heading_lines)
+    assert all(n == 1 for _, n in label_lines + heading_lines), (label_lines, heading_lines)
+    page.set_viewport_size({"width": 1400, "height": 1000})
     page.locator("#dc-run").click()
 
     decision = page.locator("#dc-decision")
