@@ -250,6 +250,8 @@ CSS = """
 .dc-banner {border-left: 4px solid #dc2626; background: rgba(220,38,38,0.10); padding: 6px 12px; border-radius: 4px;}
 .dc-decision h3 {margin-top: 0;}
 #dc-overlay img, #dc-heatmap img, #dc-preview img {width: 100%; height: 100%; object-fit: contain;}
+/* The gallery's floating label covered the top of the first grid, its title bar. */
+#dc-activations .grid-container {padding-top: 30px;}
 /* In a narrow window the card's tables scroll sideways instead of breaking words mid-way ("pre/cisi/on", "0.9/97"). */
 #dc-model-card table {display: block; max-width: 100%; overflow-x: auto; border: none;}
 #dc-model-card td, #dc-model-card th {word-break: normal; overflow-wrap: normal;}

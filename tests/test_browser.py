@@ -146,6 +146,9 @@ def test_upload_analyse_and_screenshot(app, page, tmp_path):
     page.locator("#dc-heatmap img").first.wait_for(state="visible")
     page.locator("#dc-activations img").first.wait_for(state="visible")
     assert page.locator("#dc-activations img").count() >= 1
+    label_box = page.locator("#dc-activations label").first.bounding_box()
+    grid_box = page.locator("#dc-activations img").first.bounding_box()
+    assert grid_box["y"] >= label_box["y"] + label_box["height"], (label_box, grid_box)  # its title bar shows
     assert page.locator("#dc-model-card img").count() >= 1  # the run's ROC plot
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
