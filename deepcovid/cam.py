@@ -114,9 +114,13 @@ class DeferredTarget:
     (Eigen-CAM) still get ``class_index`` set.
     """
 
-    def __init__(self, model: nn.Module, decide, num_outputs: int, positive_index: int | None = None):
+    def __init__(self, model: nn.Module, decide, num_outputs: int, positive_index: int | None = None,
+                 merge=None):
+        """``merge``: maps the whole first output to the rows to decide from (the mean of an
+        image's test-time views, when the batch holds them); None: the output as it is."""
         self._model = model
         self._decide = decide
+        self._merge = merge
         self._num_outputs = num_outputs
         self._positive_index = positive_index
         self._handle = None
@@ -125,8 +129,10 @@ class DeferredTarget:
 
     def _hook(self, module, inputs, output):
         if self.class_index is None:
-            out = output[0] if isinstance(output, (tuple, list)) else output
-            self.class_index = int(self._decide(out.detach()[0]))
+            out = (output[0] if isinstance(output, (tuple, list)) else output).detach()
+            if self._merge is not None:
+                out = self._merge(out)
+            self.class_index = int(self._decide(out[0]))
             self._target = class_target(self.class_index, self._num_outputs, self._positive_index)
         return None
 
@@ -170,6 +176,10 @@ class _HookSet:
 class InferenceView(nn.Module):
     """A model that is always in eval mode and has no parameter gradients, as grad-cam sees it.
 
+    It runs the model's ``plain_forward`` where there is one, i.e. without the model's own
+    test-time views: for a CAM of each view the caller passes the views as the batch (one CAM
+    per view, ``merge_view_cams``), instead of the model averaging them out of sight.
+
     grad-cam walks the whole module tree twice a call: ``model.eval()`` when a CAM object is
     built and ``model.zero_grad()`` before each backward. For such a model both are no-ops, yet
     they cost about 3 ms an explanation (efficientnet_lite0, 2 cores; a bare forward is ~18 ms),
@@ -184,7 +194,8 @@ class InferenceView(nn.Module):
         self.training = False
 
     def forward(self, x):
-        return self.inner(x)
+        plain = getattr(self.inner, "plain_forward", None)
+        return plain(x) if plain is not None else self.inner(x)
 
     def train(self, mode: bool = True):
         if mode:
@@ -301,6 +312,17 @@ def _size_hw(size) -> tuple[int, int]:
         return int(size), int(size)
     h, w = size[:2]
     return int(h), int(w)
+
+
+def merge_view_cams(cams: np.ndarray, tta: str) -> np.ndarray:
+    """One image's (S, S) CAM from the CAMs of its test-time views (``models.tta_views`` order):
+    each view's map is turned back onto the image, then averaged, as grad-cam's own
+    ``aug_smooth`` does (so where the views disagree, the heat is lower)."""
+    if tta == "hflip":
+        if cams.shape[0] != 2:
+            raise ValueError(f"hflip views need 2 CAMs, got {cams.shape[0]}")
+        return (cams[0] + cams[1][:, ::-1]) / 2.0
+    return cams[0]
 
 
 def colorize(cam: np.ndarray, size, colormap: str = "jet") -> np.ndarray:

@@ -39,6 +39,7 @@ See ``benchmarks/bench_inference.py`` for the measured speed and agreement of ea
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import threading
@@ -222,6 +223,9 @@ class Predictor:
         self.activation_layer_names: tuple[str, ...] = tuple(self.spec.activation_layers)
         self._cam_layers = [camlib.resolve_layer(self.model.backbone, n) for n in self.cam_layer_names]
         self._cam_view = camlib.InferenceView(self.model)
+        # The checkpoint's test-time augmentation: the model applies it in predictions; explanations
+        # pass the views to grad-cam as a batch (see _run_cam).
+        self.tta: str = getattr(model, "tta", "none")
         self._compiled = None
         self._onnx = None
         if self.backend == "compile":
@@ -445,15 +449,23 @@ class Predictor:
 
     def _run_cam(self, x: torch.Tensor, method: str, target_index: int | None, act_names: list[str]):
         """One forward + one backward, under the lock: (cam (S,S), logits (1,K'), class index,
-        activations (each layer's top grid channels), each layer's channel count)."""
+        activations (each layer's top grid channels), each layer's channel count).
+
+        With test-time augmentation the image's views go through grad-cam as one batch (the
+        model's plain forward, see ``InferenceView``), each view explained for the class their
+        mean decides; the logits are that mean, exactly as ``predict`` computes it, the CAM the
+        mean of the views' CAMs turned back onto the image, the activation maps the image's own."""
+        from .models import merge_tta, tta_views
+
         cam_cls = camlib.cam_class(method)
+        merge = functools.partial(merge_tta, tta=self.tta, num_outputs=self.num_outputs)
         if target_index is None:
-            target = camlib.DeferredTarget(self.model, self._decide_from_output, self.num_outputs,
-                                           self.positive_index)
+            target = camlib.DeferredTarget(self._cam_view, self._decide_from_output, self.num_outputs,
+                                           self.positive_index, merge=merge)
         else:
             target = camlib.class_target(target_index, self.num_outputs, self.positive_index)
         with self._lock, torch.inference_mode(False), torch.enable_grad(), self._autocast(explain=True):
-            xd = self._to_device(x)
+            xd = tta_views(self._to_device(x), self.tta)
             with contextlib.ExitStack() as stack:
                 if isinstance(target, camlib.DeferredTarget):
                     stack.enter_context(target)
@@ -462,14 +474,14 @@ class Predictor:
                                                                          top=camlib.GRID_CHANNELS))
                 cam = stack.enter_context(cam_cls(model=self._cam_view, target_layers=self._cam_layers))
                 try:
-                    grayscale = cam(input_tensor=xd, targets=[target])
+                    grayscale = cam(input_tensor=xd, targets=[target] * xd.shape[0])
                 except IndexError as exc:
                     # grad-cam's __exit__ swallows IndexError; re-raise as something it lets through.
                     raise RuntimeError(f"{method} failed: {exc}") from exc
-                logits = cam.outputs.detach().float().cpu()
+                logits = merge(cam.outputs.detach().float()).cpu()
                 cam.outputs = None  # drop the retained graph now
             recorded = {k: v.float().cpu() for k, v in recorder.outputs.items()}
             channels = dict(recorder.channels)
         chosen = target_index if target_index is not None else target.class_index
-        cam_map = np.ascontiguousarray(grayscale[0], dtype=np.float32)
+        cam_map = np.ascontiguousarray(camlib.merge_view_cams(grayscale, self.tta), dtype=np.float32)
         return np.clip(cam_map, 0.0, 1.0), logits, int(chosen), recorded, channels

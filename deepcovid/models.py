@@ -23,6 +23,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 
+# Test-time augmentation: "hflip" classifies an image and its left-right mirror and averages the
+# two probabilities. A left-right flip keeps a frontal chest X-ray a plausible chest X-ray (heart
+# on the other side), and the model saw flips in training.
+TTA_CHOICES = ("none", "hflip")
+
 WEIGHTS_CHOICES_HELP = (
     "offline choices: '--weights none' (random init), '--weights PATH' (a local .safetensors or "
     "state-dict file of the backbone), or '--arch efficientnet_lite0' (or efficientnet_lite1, "
@@ -289,6 +294,48 @@ def get_spec(arch: str) -> BackboneSpec:
 # The model
 # ---------------------------------------------------------------------------------------
 
+def check_tta(value) -> str:
+    v = "none" if value is None else str(value).strip().lower()
+    if v not in TTA_CHOICES:
+        raise ConfigError(f"unknown --tta {value!r}; choose from: {', '.join(TTA_CHOICES)}")
+    return v
+
+
+def mean_probability(outputs: Sequence[torch.Tensor], num_outputs: int) -> torch.Tensor:
+    """The mean probability of several (B, num_outputs) outputs of one input, returned as a
+    logit (one output) or a log-probability (K outputs), so that everything downstream (losses,
+    thresholds, Grad-CAM targets) treats the mean as one model's output."""
+    outs = [o.float() for o in outputs]
+    if num_outputs == 1:
+        return torch.logit(torch.stack([torch.sigmoid(o) for o in outs]).mean(0), eps=1e-7)
+    return torch.log(torch.stack([torch.softmax(o, dim=-1) for o in outs]).mean(0).clamp_min(1e-12))
+
+
+def tta_views(x: torch.Tensor, tta: str) -> torch.Tensor:
+    """The batch of every image's test-time views, view-major: (V*B, C, H, W), the originals first."""
+    return torch.cat([x, x.flip(-1)]) if tta == "hflip" else x
+
+
+def merge_tta(output: torch.Tensor, tta: str, num_outputs: int) -> torch.Tensor:
+    """(V*B, K) outputs of ``tta_views`` -> (B, K): their mean probability (see ``mean_probability``)."""
+    return mean_probability(output.chunk(2), num_outputs) if tta == "hflip" else output
+
+
+class WithTTA:
+    """Mixin: in eval mode with ``tta != "none"``, ``forward`` runs each image's views as one
+    batch and returns their mean probability. ``tta`` is a plain attribute (set from the
+    checkpoint's metadata), not a weight: the state dict is the same with or without it.
+    ``plain_forward`` is the model without it (training, and explanations, which run the views
+    themselves to explain each one)."""
+
+    tta: str = "none"
+
+    def forward(self, x: torch.Tensor):
+        if self.training or self.tta == "none":
+            return self.plain_forward(x)
+        return merge_tta(self.plain_forward(tta_views(x, self.tta)), self.tta, self.num_outputs)
+
+
 def make_head(num_features: int, num_outputs: int, hidden: int = 64, dropout: float = 0.3) -> nn.Sequential:
     """The paper's head: pooled features -> Dropout(0.3) -> Linear(64) -> ReLU -> output."""
     return nn.Sequential(
@@ -299,7 +346,7 @@ def make_head(num_features: int, num_outputs: int, hidden: int = 64, dropout: fl
     )
 
 
-class DeepCovidNet(nn.Module):
+class DeepCovidNet(WithTTA, nn.Module):
     """Backbone (pooled features) + the paper's head.
 
     ``num_outputs`` is 1 for two classes (sigmoid/BCE on the positive class) and K otherwise.
@@ -320,7 +367,7 @@ class DeepCovidNet(nn.Module):
             aux.fc = nn.Linear(aux.fc.in_features, num_outputs)
         self._frozen: list[nn.Module] = []
 
-    def forward(self, x: torch.Tensor):
+    def plain_forward(self, x: torch.Tensor):
         feats = self.backbone(x)
         if isinstance(feats, tuple):  # torchvision InceptionOutputs(logits, aux_logits) in training
             main, aux = feats[0], feats[1]
@@ -334,8 +381,9 @@ class DeepCovidNet(nn.Module):
         return feats[0] if isinstance(feats, tuple) else feats
 
     def split_frozen(self, freeze) -> tuple[nn.Module, nn.Module] | None:
-        """(frozen prefix, trainable rest incl. the head) such that ``rest(prefix(x)) == self(x)``
-        in eval mode, for caching the prefix's output (the boundary activations) during training.
+        """(frozen prefix, trainable rest incl. the head) such that
+        ``rest(prefix(x)) == self.plain_forward(x)`` in eval mode, for caching the prefix's
+        output (the boundary activations) during training.
 
         ``freeze='backbone'``: the prefix is the whole backbone (pooled features). ``freeze=N``
         is supported where the backbone is a plain chain of modules (efficientnet_lite0/1/2,
@@ -416,7 +464,7 @@ class _Features(nn.Module):
         return self.model[0].features(x)
 
 
-class EnsembleNet(nn.Module):
+class EnsembleNet(WithTTA, nn.Module):
     """Several trained DeepCovidNets that share one preprocessing config; the output is the mean
     of their probabilities, returned as a logit (log-probability for K classes), so thresholds,
     Grad-CAM targets and everything else downstream treat it as one model.
@@ -444,24 +492,27 @@ class EnsembleNet(nn.Module):
         """The members' backbones, indexable by dotted names such as ``"1.blocks.6"``."""
         return nn.ModuleList(m.backbone for m in self.members)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [m(x).float() for m in self.members]
-        if self.num_outputs == 1:
-            p = torch.stack([torch.sigmoid(o) for o in outs]).mean(0)
-            return torch.logit(p, eps=1e-7)
-        p = torch.stack([torch.softmax(o, dim=-1) for o in outs]).mean(0)
-        return torch.log(p.clamp_min(1e-12))
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mean_probability([m(x) for m in self.members], self.num_outputs)
 
 
 def build_from_meta(meta: dict) -> nn.Module:
-    """An untrained model with the architecture a checkpoint's metadata describes."""
+    """An untrained model with the architecture (and test-time augmentation) a checkpoint's
+    metadata describes."""
     num_outputs = 1 if len(meta["classes"]) == 2 else len(meta["classes"])
+    try:
+        tta = check_tta(meta.get("tta"))  # absent in checkpoints from before it existed
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint metadata: {exc}") from None
     if meta["arch"] == "ensemble":
         members = meta.get("members")
         if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, dict) and "arch" in m for m in members):
             raise CheckpointError("an ensemble checkpoint must list at least two members with their arch")
-        return EnsembleNet([str(m["arch"]) for m in members], num_outputs)
-    return build_model(meta["arch"], len(meta["classes"]), weights="none", freeze="none")
+        model = EnsembleNet([str(m["arch"]) for m in members], num_outputs)
+    else:
+        model = build_model(meta["arch"], len(meta["classes"]), weights="none", freeze="none")
+    model.tta = tta
+    return model
 
 
 def parse_freeze(value) -> str | int:

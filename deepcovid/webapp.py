@@ -514,6 +514,9 @@ def model_card_markdown(entry: dict) -> str:
         rows.append(("Ensemble of", "; ".join(
             f"{m.get('arch', '?')} ({m.get('run', '?')}, val F1 {_fmt_metric((m.get('val_metrics') or {}).get('f1'))})"
             for m in members if isinstance(m, dict)) + " — mean of their probabilities"))
+    if entry.get("tta") == "hflip":
+        rows.append(("Test-time augmentation", "each image and its left-right mirror; their mean probability "
+                                               "(the heat map: the mean of their two maps)"))
     if thr is not None and pos:
         rows.append(("Decision threshold", f"{float(thr):.3f} on p({pos})"))
     elif len(classes) > 2:

@@ -91,28 +91,28 @@ def test_model_card_lists_the_members(ensemble_run):
 
 
 def test_cpu_fast_is_an_ensemble_of_offline_backbones():
-    """The README's recipe: Lite0/Lite1/Lite2 members and a second Lite0 at another seed, on one
-    224 px input, each with ImageNet weights that load without a network (the preset is checked
-    before anything trains)."""
+    """The README's recipe: Lite0/Lite1/Lite2 members with flip TTA, on one 224 px input, each
+    with ImageNet weights that load without a network (the preset is checked before anything
+    trains)."""
     from deepcovid.models import build_model
     from deepcovid.training import member_config
 
     cfg = resolve_config({}, "cpu-fast")
+    assert cfg["tta"] == "hflip"
     members = [member_config(cfg, m) for m in cfg["ensemble"]]
-    assert [m["arch"] for m in members] == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
-                                            "efficientnet_lite0"]
-    assert [m["epochs"] for m in members] == [2, 1, 1, 1] and {m["input_size"] for m in members} == {224}
-    assert [m["seed"] for m in members] == [0, 0, 0, 10] and all("seed_offset" not in m for m in members)
-    for m in members[:3]:
+    assert [m["arch"] for m in members] == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    assert [m["epochs"] for m in members] == [2, 1, 1] and {m["input_size"] for m in members} == {224}
+    assert [m["seed"] for m in members] == [0, 0, 0] and {m["tta"] for m in members} == {"hflip"}
+    for m in members:
         model = build_model(m["arch"], 2, weights="imagenet", freeze=m["freeze"])
         assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 1)
     # flags given explicitly override the preset's members too, but not their backbones; --seed
-    # moves every member, the offset one included
-    cfg = resolve_config({"epochs": 3, "lr": 1e-4, "seed": 2}, "cpu-fast")
-    members = [member_config(cfg, m) for m in cfg["ensemble"]]
-    assert [(m["arch"], m["epochs"], m["lr"], m["seed"]) for m in members] == [
-        ("efficientnet_lite0", 3, 1e-4, 2), ("efficientnet_lite1", 3, 1e-4, 2), ("efficientnet_lite2", 3, 1e-4, 2),
-        ("efficientnet_lite0", 3, 1e-4, 12)]
+    # moves every member, and a member's seed_offset on top of it
+    cfg = resolve_config({"epochs": 3, "lr": 1e-4, "seed": 2, "tta": "none"}, "cpu-fast")
+    members = [member_config(cfg, m) for m in [*cfg["ensemble"], {"seed_offset": 10}]]
+    assert [(m["arch"], m["epochs"], m["lr"], m["seed"], m["tta"]) for m in members] == [
+        ("efficientnet_lite0", 3, 1e-4, 2, "none"), ("efficientnet_lite1", 3, 1e-4, 2, "none"),
+        ("efficientnet_lite2", 3, 1e-4, 2, "none"), ("efficientnet_lite0", 3, 1e-4, 12, "none")]
     assert PRESETS["cpu-fast"]["ensemble"][1]["epochs"] == 1  # the preset itself is untouched
     for bad in ({"seed_offset": 1.5}, {"seed_offset": 1, "seed": 3}, {"seed_offset": True}):
         with pytest.raises(ConfigError, match="seed_offset must be an integer"):

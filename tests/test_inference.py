@@ -230,7 +230,8 @@ def test_one_forward_and_a_backward_through_the_tail_only(predictor, image, meth
     seen = {}
     baseline = camlib.count_hooks(model)
     handles = [
-        model.register_forward_hook(lambda m, i, o: calls.__setitem__("model", calls["model"] + 1)),
+        # grad-cam calls the predictor's view of the model (its forward without test-time views)
+        predictor._cam_view.register_forward_hook(lambda m, i, o: calls.__setitem__("model", calls["model"] + 1)),
         model.backbone.register_forward_hook(lambda m, i, o: calls.__setitem__("backbone", calls["backbone"] + 1)),
         model.backbone.conv_stem.register_forward_hook(lambda m, i, o: seen.__setitem__("stem", o.requires_grad)),
         model.backbone.conv_head.register_forward_hook(lambda m, i, o: seen.__setitem__("head", o)),
