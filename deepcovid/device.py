@@ -1,9 +1,12 @@
-"""Where models run: the device ('auto' = CUDA, then MPS, then CPU) and how many CPU threads
-this process may use. Shared by training and inference."""
+"""Where models run: the device ('auto' = CUDA, then MPS, then CPU), how many CPU threads
+this process may use, and how its CPU memory allocator reuses memory. Shared by training and
+inference."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 
 import torch
 
@@ -39,3 +42,33 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError(f"device {device!r} requested but MPS is not available here; use --device cpu or auto")
     return dev
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the kernel.
+
+    By default every large block a CPU model frees (activations, gradients: megabytes each) is
+    unmapped or trimmed away, and the next step maps it afresh and page-faults on every page.
+    Measured on this project's 2-core machine, one efficientnet_lite0 training step (batch 32,
+    224 px) took 2.6 s, 1.5 s of it in the kernel on 0.72 M page faults; with freed memory kept
+    (large blocks from the heap, no trimming) 1.6-1.7 s, 0.04-0.1 s in the kernel, 3-9 k page
+    faults. jemalloc or tcmalloc would do the same, but only when preloaded before the process
+    starts, and torch has no switch for its CPU allocator: hence two ``mallopt`` calls.
+
+    Process-wide and one-way: the process then holds on to its peak memory, which a training or
+    batch-prediction run reaches again on its next step anyway. Linux with glibc only; returns
+    False (and changes nothing) elsewhere.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    largest = 2**31 - 1  # mallopt takes an int: 2 GiB
+    return mallopt(_M_MMAP_THRESHOLD, largest) == 1 and mallopt(_M_TRIM_THRESHOLD, largest) == 1

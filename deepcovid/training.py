@@ -509,6 +509,10 @@ class FitResult:
     val_metrics: dict
     test_metrics: dict | None
     interrupted: bool = False
+    # (labels, probabilities) of the best checkpoint on validation and on test/, as computed
+    # during the run (None when not computed in this process, e.g. a best epoch from before a resume)
+    val_outputs: tuple[np.ndarray, np.ndarray] | None = None
+    test_outputs: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def _write_history(run_dir: Path, history: list[dict]) -> None:
@@ -865,6 +869,7 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
     best_val_loss = math.inf if best is None else float(best.get("best_val_loss", math.inf))
     interrupted = False
     best_outputs, last_plot = None, -math.inf  # validation outputs of a new best epoch, not yet plotted
+    best_val = None  # the best epoch's validation (labels, probabilities), for an ensemble's mean
     pending_last, last_saved = None, -math.inf  # a finished epoch's resume point not yet on disk
     epochs_bar = progress(range(start_epoch, cfg["epochs"] + 1), desc=arch, unit="epoch",
                       initial=start_epoch - 1, total=cfg["epochs"])
@@ -902,6 +907,7 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
                         "val_metrics_at_0.5": {k: va_m05[k] for k in METRIC_KEYS}}
                 save_checkpoint(run_dir, "best", model.state_dict(), meta)
                 best_outputs = (epoch, va_y, va_p, threshold)
+                best_val = (va_y, va_p)
             if va_loss < best_val_loss - 1e-6:
                 best_val_loss, bad_epochs = va_loss, 0
             else:
@@ -939,11 +945,13 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
     if best is None:
         return FitResult(run_dir, arch, 0, {}, None, interrupted=True)
     best_ckpt = read_checkpoint(run_dir / "best.safetensors")
-    test_metrics = None
+    test_metrics = test_outputs = None
     if not interrupted and splits.test:
-        test_metrics = evaluate_on_samples(best_ckpt, splits.test, run_dir, "test", cfg=cfg, device=device)
+        y, p, bad = predict_samples(best_ckpt, splits.test, cfg=cfg, device=device, desc="test")
+        test_metrics, test_outputs = report_outputs(best_ckpt.meta, y, p, bad, run_dir, "test"), (y, p)
         log.info("test (report only, never used for selection): %s", _test_summary(test_metrics))
-    return FitResult(run_dir, arch, int(best_ckpt.meta["epoch"]), best_ckpt.meta["val_metrics"], test_metrics, interrupted)
+    return FitResult(run_dir, arch, int(best_ckpt.meta["epoch"]), best_ckpt.meta["val_metrics"], test_metrics, interrupted,
+                     val_outputs=best_val, test_outputs=test_outputs)
 
 
 def predict_samples(ckpt, samples, *, cfg: dict | None = None, device: torch.device | None = None,
@@ -977,13 +985,17 @@ def _test_summary(metrics: dict) -> str:
 
 def evaluate_on_samples(ckpt, samples, out_dir: Path | None, name: str, *, cfg: dict | None = None,
                         device: torch.device | None = None) -> dict:
-    """Metrics of a loaded checkpoint on samples at its stored threshold (two classes: also at 0.5,
-    and each with its 95 % bootstrap interval over the images, ``ci95``); also writes
-    ``<name>_metrics.json`` and ROC/confusion plots into ``out_dir`` when given."""
+    """Metrics of a loaded checkpoint on samples (see ``report_outputs``)."""
+    y, p, bad = predict_samples(ckpt, samples, cfg=cfg, device=device, desc=name)
+    return report_outputs(ckpt.meta, y, p, bad, out_dir, name)
+
+
+def report_outputs(meta: dict, y: np.ndarray, p: np.ndarray, bad: list, out_dir: Path | None, name: str) -> dict:
+    """Metrics of a model's probabilities ``p`` for labels ``y`` at its stored threshold (two
+    classes: also at 0.5, and each with its 95 % bootstrap interval over the images, ``ci95``);
+    also writes ``<name>_metrics.json`` and ROC/confusion plots into ``out_dir`` when given."""
     from .plots import plot_confusion, plot_roc
 
-    meta = ckpt.meta
-    y, p, bad = predict_samples(ckpt, samples, cfg=cfg, device=device, desc=name)
     classes = meta["classes"]
     thr = meta["threshold"]
     m = compute_metrics(y, p, classes, thr)
@@ -1092,6 +1104,14 @@ def member_config(cfg: dict, overrides: dict) -> dict:
     return out
 
 
+def _mean_outputs(outputs: list) -> tuple[np.ndarray, np.ndarray] | None:
+    """(labels, mean probability) of several models' (labels, probabilities) on the same images,
+    in the same order; None when one is missing or their labels differ."""
+    if any(o is None for o in outputs) or any(not np.array_equal(o[0], outputs[0][0]) for o in outputs):
+        return None
+    return outputs[0][0], np.mean([np.asarray(o[1], dtype=np.float64) for o in outputs], axis=0)
+
+
 def fit_ensemble(cfg: dict, data_root: Path, output: Path) -> FitResult:
     """Train each member of ``cfg["ensemble"]`` as its own run under ``<run>/members/``, then save
     the ensemble (mean probability) as ``<run>/best.safetensors``: one self-describing checkpoint
@@ -1132,12 +1152,19 @@ def fit_ensemble(cfg: dict, data_root: Path, output: Path) -> FitResult:
         member.load_state_dict(c.state_dict)
     model.tta = cfg["tta"]  # on the ensemble's mean (each member's own views would give the same mean)
     device = select_device(cfg["device"])
-    model = model.to(device, memory_format=torch.channels_last) if device.type in ("cuda", "cpu") else model.to(device)
-    images = DecodedImages(splits.val, int(first["input_size"]), cfg["cache"], Path(cfg["cache_dir"]) if cfg["cache_dir"] else None,
-                           desc="decoding val", clahe=first["clahe"])
-    loader = DataLoader(XRayDataset(images, first["mean"], first["std"], first["color_space"]), batch_size=cfg["batch_size"] * 2)
-    amp, _ = autocast_for(device)
-    _, va_y, va_p = evaluate(model, loader, None, device, amp=amp, desc="ensemble val")
+    # The ensemble's output is the mean of its members' probabilities, and each member's run has
+    # already computed them on these images: average those instead of running every member (and
+    # its test-time views) again, a minute or more of the CPU preset.
+    val = _mean_outputs([r.val_outputs for r in results])
+    if val is not None:
+        va_y, va_p = val
+    else:  # a member's best epoch came from before a resume: run the ensemble itself
+        model = model.to(device, memory_format=torch.channels_last) if device.type in ("cuda", "cpu") else model.to(device)
+        images = DecodedImages(splits.val, int(first["input_size"]), cfg["cache"],
+                               Path(cfg["cache_dir"]) if cfg["cache_dir"] else None, desc="decoding val", clahe=first["clahe"])
+        loader = DataLoader(XRayDataset(images, first["mean"], first["std"], first["color_space"]), batch_size=cfg["batch_size"] * 2)
+        amp, _ = autocast_for(device)
+        _, va_y, va_p = evaluate(model, loader, None, device, amp=amp, desc="ensemble val")
     classes = first["classes"]
     threshold = choose_threshold(cfg, va_y, va_p, len(classes) == 2)
     va_m = compute_metrics(va_y, va_p, classes, threshold)
@@ -1162,8 +1189,12 @@ def fit_ensemble(cfg: dict, data_root: Path, output: Path) -> FitResult:
              f"{threshold:.3f}" if threshold is not None else "argmax", val_metrics["auc"])
     test_metrics = None
     if splits.test:
-        test_metrics = evaluate_on_samples(read_checkpoint(run_dir / "best.safetensors"), splits.test, run_dir, "test",
-                                           cfg=cfg, device=device)
+        test = _mean_outputs([r.test_outputs for r in results])
+        if test is not None:
+            test_metrics = report_outputs(meta, *test, results[0].test_metrics["skipped"], run_dir, "test")
+        else:
+            test_metrics = evaluate_on_samples(read_checkpoint(run_dir / "best.safetensors"), splits.test, run_dir, "test",
+                                               cfg=cfg, device=device)
         log.info("ensemble test (report only, never used for selection): %s", _test_summary(test_metrics))
     ens = FitResult(run_dir, "ensemble", meta["epoch"], val_metrics, test_metrics, False)
     _print_results([({}, r) for r in (*results, ens)], run_dir, save=True)

@@ -59,9 +59,16 @@ def make_image_folder(root: Path, counts: dict[str, int], size: int = 64, seed: 
     return root
 
 
+def make_train_test(root: Path, train_per_class: int, test_per_class: int, size: int) -> Path:
+    """ROOT/train and ROOT/test (other images) with NORMAL and PNEUMONIA folders."""
+    make_image_folder(root / "train", {"NORMAL": train_per_class, "PNEUMONIA": train_per_class}, size=size)
+    make_image_folder(root / "test", {"NORMAL": test_per_class, "PNEUMONIA": test_per_class}, size=size, seed=7)
+    return root
+
+
 def make_checkpoint(run_dir: Path, arch: str = "efficientnet_lite0", classes=("NORMAL", "PNEUMONIA"),
                     input_size: int = 64, threshold: float = 0.5, seed: int = 0, f1: float = 0.8,
-                    clahe: float = 0.0) -> Path:
+                    clahe: float = 0.0, tta: str | None = None) -> Path:
     """A valid, randomly initialised checkpoint (no training), for inference/app tests."""
     from deepcovid.checkpoint import save_checkpoint, versions
     from deepcovid.models import build_model, get_spec
@@ -83,6 +90,8 @@ def make_checkpoint(run_dir: Path, arch: str = "efficientnet_lite0", classes=("N
     }
     if clahe:
         meta["clahe"] = float(clahe)
+    if tta is not None:
+        meta["tta"] = tta
     return save_checkpoint(Path(run_dir), "best", model.state_dict(), meta)
 
 

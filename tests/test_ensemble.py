@@ -1,10 +1,12 @@
 """Ensembles: trained as member runs, saved as one self-describing checkpoint that 'best' finds."""
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
-from conftest import FAST_TRAIN, make_image_folder
+from conftest import FAST_TRAIN, make_train_test
 
 from deepcovid.checkpoint import list_checkpoints, load_checkpoint, read_checkpoint
 from deepcovid.errors import CheckpointError, ConfigError
@@ -17,9 +19,7 @@ FAST = {**FAST_TRAIN, "input_size": 64, "epochs": 1}
 
 @pytest.fixture(scope="module")
 def ensemble_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ds")
-    make_image_folder(root / "train", {"NORMAL": 12, "PNEUMONIA": 12}, size=72)
-    make_image_folder(root / "test", {"NORMAL": 3, "PNEUMONIA": 3}, size=72, seed=7)
+    root = make_train_test(tmp_path_factory.mktemp("ds"), 12, 3, size=72)
     out = tmp_path_factory.mktemp("ck")
     cfg = resolve_config({**FAST, "threshold": "0.5", "ensemble": [{"seed": 1}, {"seed": 2, "freeze": "backbone"}]})
     res = fit_ensemble({**cfg, "run_name": "ens"}, root, out)
@@ -46,6 +46,42 @@ def test_best_resolves_to_the_ensemble_and_it_holds_every_member(ensemble_run):
         got = torch.sigmoid(model(x))
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(torch.sigmoid(members[0](x)), torch.sigmoid(members[1](x)))
+
+
+def test_the_ensembles_scores_are_those_of_the_saved_model(ensemble_run, monkeypatch):
+    """fit_ensemble averages the members' own validation and test/ outputs instead of running
+    the ensemble again: the scores must be what the saved checkpoint gives, recomputed."""
+    from deepcovid import training
+    from deepcovid.data import load_splits
+
+    root, out, _ = ensemble_run
+    ens = load_checkpoint("best", out)
+    cfg = ens.meta["config"]
+    splits = load_splits(root, val_fraction=cfg["val_fraction"], seed=cfg["seed"])
+    y, p, _ = training.predict_samples(ens, splits.val, cfg=cfg)
+    recomputed = training.compute_metrics(y, p, ens.meta["classes"], 0.5)
+    for k in ("tp", "tn", "fp", "fn"):
+        assert recomputed[k] == ens.meta["val_metrics"][k]
+    assert recomputed["auc"] == pytest.approx(ens.meta["val_metrics"]["auc"], abs=1e-12)
+    reported = json.loads((out / "ens" / "test_metrics.json").read_text())
+    again = training.evaluate_on_samples(ens, splits.test, None, "test", cfg=cfg)
+    assert {k: again[k] for k in ("tp", "tn", "fp", "fn", "auc", "f1")} == {
+        k: reported[k] for k in ("tp", "tn", "fp", "fn", "auc", "f1")}
+    # missing or mismatched outputs are not averaged ...
+    assert training._mean_outputs([(y, p), None]) is None
+    assert training._mean_outputs([(y, p), (1 - y, p)]) is None
+    yy, pp = training._mean_outputs([(y, p), (y, 1 - p)])
+    assert np.array_equal(yy, y) and np.allclose(pp, 0.5)
+    # ... the ensemble itself runs instead (a member's best epoch from before a resume), to the same scores
+    fit = training.fit
+    monkeypatch.setattr(training, "fit", lambda *a, **k: dataclasses.replace(fit(*a, **k), val_outputs=None,
+                                                                             test_outputs=None))
+    res = training.fit_ensemble({**cfg, "run_name": "ens-run"}, root, out / "again")
+    assert {k: res.val_metrics[k] for k in ("tp", "tn", "fp", "fn")} == {
+        k: ens.meta["val_metrics"][k] for k in ("tp", "tn", "fp", "fn")}
+    assert res.val_metrics["auc"] == pytest.approx(ens.meta["val_metrics"]["auc"], abs=1e-12)
+    assert {k: res.test_metrics[k] for k in ("tp", "tn", "fp", "fn", "auc")} == {
+        k: reported[k] for k in ("tp", "tn", "fp", "fn", "auc")}
 
 
 def test_predictor_explains_an_ensemble_through_every_member(ensemble_run):

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import FAST_TRAIN, make_image_folder, shared_data_or_skip
+from conftest import FAST_TRAIN, make_image_folder, make_train_test, shared_data_or_skip
 from deepcovid.checkpoint import load_checkpoint, read_checkpoint
 from deepcovid.cli import main
 from deepcovid.errors import ConfigError
@@ -15,10 +15,7 @@ FAST = FAST_TRAIN
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ds")
-    make_image_folder(root / "train", {"NORMAL": 16, "PNEUMONIA": 16}, size=48)
-    make_image_folder(root / "test", {"NORMAL": 4, "PNEUMONIA": 4}, size=48, seed=7)
-    return root
+    return make_train_test(tmp_path_factory.mktemp("ds"), 16, 4, size=48)
 
 
 def test_cli_train_writes_a_complete_run_folder(dataset, tmp_path):
