@@ -9,6 +9,9 @@
    also a later run that reads the features the first one left on disk.
 3. Scaling: seconds per training epoch at 1x, 2x and 4x a base subset (by repetition) and at
    several input sizes.
+4. CPU memory allocator: a full fine-tuning step with glibc's default malloc against the same
+   step with freed memory kept for reuse (``deepcovid.device.keep_freed_memory``, which the
+   ``deepcovid`` command applies for train, evaluate and predict), each in a fresh process.
 
     python benchmarks/bench_training.py            # full mode (minutes on a 2-core CPU)
     python benchmarks/bench_training.py --quick    # CI mode (seconds, synthetic data)
@@ -18,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -185,6 +190,59 @@ def bench_scaling(samples, sizes: list[int], reps: list[int], arch: str, batch: 
     return rows
 
 
+# One child process per allocator setting (the setting is process-wide and one-way): a few
+# training steps on random inputs; time, kernel time and page faults per step.
+_ALLOCATOR_CHILD = """
+import json, resource, sys, time
+import torch
+from deepcovid.device import keep_freed_memory
+from deepcovid.models import build_model
+arch, size, batch, steps, keep = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+applied = keep_freed_memory() if keep else False
+torch.set_num_threads(int(sys.argv[6]))
+torch.manual_seed(0)
+model = build_model(arch, 2, weights="none", freeze="none").train().to(memory_format=torch.channels_last)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+y = torch.rand(batch, 1)
+loss_fn = torch.nn.BCEWithLogitsLoss()
+def step():
+    opt.zero_grad(set_to_none=True)
+    loss_fn(model(x), y).backward()
+    opt.step()
+for _ in range(2):  # oneDNN's kernels for this shape, and the allocator's first blocks
+    step()
+r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+for _ in range(steps):
+    step()
+dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"applied": applied, "step_s": dt / steps, "sys_s": (r1.ru_stime - r0.ru_stime) / steps,
+                  "faults": (r1.ru_minflt - r0.ru_minflt) / steps}))
+"""
+
+
+def bench_allocator(arch: str, size: int, batch: int, steps: int) -> dict:
+    out = {}
+    for name, keep in (("default", "0"), ("kept", "1")):
+        res = subprocess.run([sys.executable, "-c", _ALLOCATOR_CHILD, arch, str(size), str(batch), str(steps), keep,
+                              str(torch.get_num_threads())], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+        out[name] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+def print_allocator(args) -> None:
+    a_size, a_batch, a_steps = (32, 4, 2) if args.quick else (224, 32, args.allocator_steps)
+    print(f"\n## 4. CPU memory allocator (full fine-tuning step of {args.arch}, batch {a_batch}, {a_size} px, "
+          f"{a_steps} steps after 2 untimed ones, each setting in a fresh process)\n")
+    r = bench_allocator(args.arch, a_size, a_batch, a_steps)
+    print("| glibc malloc | seconds per step | kernel seconds per step | page faults per step |\n|---|---|---|---|")
+    for name, label in (("default", "default (freed blocks go back to the kernel)"),
+                        ("kept", "freed memory kept (`keep_freed_memory`)" + ("" if r["kept"]["applied"] else ", not available here"))):
+        print(f"| {label} | {r[name]['step_s']:.3f} | {r[name]['sys_s']:.3f} | {r[name]['faults']:.0f} |")
+    print(f"\nspeed-up of a training step: {r['default']['step_s'] / r['kept']['step_s']:.2f}x")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI mode: synthetic data, seconds")
@@ -193,8 +251,13 @@ def main(argv=None) -> int:
     p.add_argument("--feature-images", type=int, default=None, help="subset of train/ for the feature-cache run (default: all)")
     p.add_argument("--scaling-base", type=int, default=128, help="images in the 1x set of the scaling benchmark")
     p.add_argument("--arch", default="efficientnet_lite0")
+    p.add_argument("--allocator-steps", type=int, default=8, help="timed training steps per allocator setting")
+    p.add_argument("--only-allocator", action="store_true", help="run section 4 only")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+    if args.only_allocator:
+        print_allocator(args)
+        return 0
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -252,6 +315,8 @@ def main(argv=None) -> int:
             one_x = next(x for x in rows if x["size"] == row["size"])
             print(f"| {row['size']} | {row['images']} | {row['seconds']:.1f} | {row['img_per_s']:.1f} | "
                   f"{row['seconds'] / (row['images'] / one_x['images']):.1f} |")
+
+    print_allocator(args)
     return 0
 
 

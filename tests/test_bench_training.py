@@ -11,7 +11,7 @@ def test_training_benchmarks_run_in_quick_mode(capsys):
 
     assert bench_training.main(["--quick"]) == 0
     out = capsys.readouterr().out
-    for heading in ("decoded-image cache", "feature cache", "scaling"):
+    for heading in ("decoded-image cache", "feature cache", "scaling", "CPU memory allocator"):
         assert heading in out
     ratios = [float(x) for x in re.findall(r"\| ([0-9.]+)x(?= \|)", out)]
     # 3 sources x 2 (augmentation on/off) cached/uncached ratios, then their 3 x 2 ceilings
@@ -24,3 +24,6 @@ def test_training_benchmarks_run_in_quick_mode(capsys):
     f1s = re.findall(r"\| (?:uncached|cached|cached, features read from disk[^|]*) \| [0-9.]+ \| ([0-9.]+) \|", out)
     assert len(f1s) == 3 and f1s[0] == f1s[1] == f1s[2]
     assert float(re.search(r"features read from disk: ([0-9.]+)x", out).group(1)) > 0
+    # the allocator section ran both settings in their own processes
+    assert re.search(r"\| freed memory kept \(`keep_freed_memory`\) \| [0-9.]+ \| [0-9.]+ \| \d+ \|", out)
+    assert float(re.search(r"speed-up of a training step: ([0-9.]+)x", out).group(1)) > 0
