@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("train", "evaluate", "predict"):
         from .device import keep_freed_memory
 
-        keep_freed_memory()  # batch work on the CPU: 1.6x faster training steps here (see its docstring)
+        keep_freed_memory()  # batch work on the CPU (benchmarks/bench_training.py, section 4: 1.86x a training step)
     try:
         return int(module.run(args) or 0)
     except DeepCovidError as exc:

@@ -53,10 +53,10 @@ def keep_freed_memory() -> bool:
 
     By default every large block a CPU model frees (activations, gradients: megabytes each) is
     unmapped or trimmed away, and the next step maps it afresh and page-faults on every page.
-    Measured on this project's 2-core machine, one efficientnet_lite0 training step (batch 32,
-    224 px) took 2.6 s, 1.5 s of it in the kernel on 0.72 M page faults; with freed memory kept
-    (large blocks from the heap, no trimming) 1.6-1.7 s, 0.04-0.1 s in the kernel, 3-9 k page
-    faults. jemalloc or tcmalloc would do the same, but only when preloaded before the process
+    Measured on this project's 2-core machine (``benchmarks/bench_training.py
+    --only-allocator``), one efficientnet_lite0 training step (batch 32, 224 px) took 2.33 s,
+    1.68 s of it in the kernel on 0.65 M page faults; with freed memory kept (large blocks from
+    the heap, no trimming) 1.25 s, 0.001 s in the kernel, no page faults. jemalloc or tcmalloc would do the same, but only when preloaded before the process
     starts, and torch has no switch for its CPU allocator: hence two ``mallopt`` calls.
 
     Process-wide and one-way: the process then holds on to its peak memory, which a training or
