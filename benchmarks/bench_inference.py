@@ -20,6 +20,11 @@ channels_last model, and of bf16 autocast (why ``explain`` stays float32 under b
 
     python benchmarks/bench_inference.py            # efficientnet_lite0 @ 224, ImageNet weights
     python benchmarks/bench_inference.py --quick    # seconds: random init @ 64 px, no torch.compile (CI)
+    python benchmarks/bench_inference.py --no-variants --tta hflip   # the first table for a flip-TTA model
+
+With ``--tta hflip`` the model is the one a ``--tta hflip`` checkpoint serves: (a) is its own
+forward (the image and its mirror as one batch, mean probability), (b) explains both views as
+``predict``/``explain`` do, and (c) runs the plain recipe on both views.
 
 Uses real X-rays from ../shared/data/chest_xray/train when present (one for the first table,
 16 for the second), else synthetic ones.
@@ -98,13 +103,14 @@ def median_ms(fns, reps: int, warmup: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def build(quick: bool, arch: str, size: int | None, weights: str, threads: int | None = None):
+def build(quick: bool, arch: str, size: int | None, weights: str, threads: int | None = None, tta: str = "none"):
     from deepcovid.inference import Predictor
-    from deepcovid.models import build_model, get_spec
+    from deepcovid.models import build_model, check_tta, get_spec
 
     spec = get_spec(arch)
     torch.manual_seed(0)
     model = build_model(arch, 2, weights=weights)
+    model.tta = check_tta(tta)  # as build_from_meta sets it from a checkpoint
     dc = spec.data_config
     meta = {
         "arch": arch, "classes": ["NORMAL", "PNEUMONIA"], "positive_class": "PNEUMONIA", "num_outputs": 1,
@@ -116,15 +122,16 @@ def build(quick: bool, arch: str, size: int | None, weights: str, threads: int |
 
 def run_benchmark(quick: bool = False, arch: str = "efficientnet_lite0", size: int | None = None,
                   weights: str | None = None, reps: int | None = None, warmup: int | None = None,
-                  image=None, threads: int | None = None) -> dict:
+                  image=None, threads: int | None = None, tta: str = "none") -> dict:
     from pytorch_grad_cam import GradCAM
 
     from deepcovid.cam import LogitTarget
+    from deepcovid.models import tta_views
 
     weights = weights or ("none" if quick else "imagenet")
     reps = reps or (3 if quick else 30)
     warmup = warmup if warmup is not None else (1 if quick else 5)
-    predictor, model = build(quick, arch, size, weights, threads)
+    predictor, model = build(quick, arch, size, weights, threads, tta)
     if image is None:
         image, source = find_image()
     else:
@@ -149,15 +156,20 @@ def run_benchmark(quick: bool = False, arch: str = "efficientnet_lite0", size: i
         with torch.no_grad():
             p = torch.sigmoid(plain(x))[0, 0].item()
         target = LogitTarget(+1 if p >= 0.5 else -1)
-        xg = x.detach().clone().requires_grad_(True)  # input gradient on, as in the usual recipe
-        with GradCAM(model=plain, target_layers=layers) as cam:
-            return cam(input_tensor=xg, targets=[target])[0]
+        # input gradient on, as in the usual recipe; with TTA the plain model on both views
+        xg = tta_views(x, tta).detach().clone().requires_grad_(True)
+        tta_was, plain.tta = plain.tta, "none"
+        try:
+            with GradCAM(model=plain, target_layers=layers) as cam:
+                return cam(input_tensor=xg, targets=[target] * xg.shape[0])[0]
+        finally:
+            plain.tta = tta_was
 
     def predict_only():
         return predictor.predict(prepared)
 
     results = {
-        "arch": arch, "input_size": predictor.input_size, "weights": weights, "source": source,
+        "arch": arch, "input_size": predictor.input_size, "weights": weights, "source": source, "tta": tta,
         "original_size": tuple(prepared.image.pixels.shape[1::-1]), "threads": torch.get_num_threads(),
         "reps": reps, "rows": [],
     }
@@ -300,7 +312,8 @@ def format_variants(res: dict) -> str:
 
 def format_table(res: dict) -> str:
     lines = [
-        f"model {res['arch']} @ {res['input_size']} px, weights={res['weights']}, input: {res['source']} "
+        f"model {res['arch']} @ {res['input_size']} px, weights={res['weights']}, tta={res.get('tta', 'none')}, "
+        f"input: {res['source']} "
         f"(original {res['original_size'][0]}x{res['original_size'][1]}), CPU threads={res['threads']}, "
         f"median of {res['reps']}",
         f"{'method':<64}{'median ms':>11}{'x (a)':>8}",
@@ -311,6 +324,8 @@ def format_table(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from deepcovid.models import TTA_CHOICES
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CI mode: random init at 64 px, 3 repetitions")
@@ -325,9 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="include the torch.compile variants (default: yes, no with --quick)")
     ap.add_argument("--no-variants", action="store_true", help="only the explain-vs-bare-forward table")
+    ap.add_argument("--tta", default="none", choices=TTA_CHOICES,
+                    help="test-time augmentation of the first table's model (default: none)")
     args = ap.parse_args(argv)
     res = run_benchmark(quick=args.quick, arch=args.arch, size=args.size, weights=args.weights, reps=args.reps,
-                        warmup=args.warmup, threads=args.threads)
+                        warmup=args.warmup, threads=args.threads, tta=args.tta)
     print(format_table(res), flush=True)
     if not args.no_variants:
         var = run_variants(quick=args.quick, arch=args.arch, size=args.size, weights=args.weights, reps=args.reps,

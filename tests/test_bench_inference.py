@@ -70,3 +70,37 @@ def test_quick_speed_options_table(capsys):
     text = bench.format_variants(res)
     assert "fp32 eager NCHW (baseline)" in text and "x fp32" in text and "skipped" in text
     assert len([ln for ln in text.splitlines() if ln.endswith(("yes", "no"))]) >= 4
+
+
+def test_quick_benchmark_of_a_flip_tta_model_runs_both_views_in_every_row(monkeypatch):
+    """--tta hflip: every row (bare forward, explain, the plain recipe, predict) runs the image
+    and its mirror as one batch of two, as a --tta hflip checkpoint is served."""
+    bench = load_bench()
+    batches = []
+    build = bench.build
+
+    def spy_build(*args, **kwargs):
+        predictor, model = build(*args, **kwargs)
+        model.backbone.register_forward_pre_hook(lambda _m, inp: batches.append(inp[0].shape[0]))
+        return predictor, model
+
+    monkeypatch.setattr(bench, "build", spy_build)
+    threads = torch.get_num_threads()
+    try:
+        res = bench.run_benchmark(quick=True, size=32, reps=2, warmup=0, tta="hflip")
+    finally:
+        torch.set_num_threads(threads)
+    assert res["tta"] == "hflip" and "tta=hflip" in bench.format_table(res)
+    assert len(res["rows"]) == 5 and all(r["ms"] > 0 for r in res["rows"])
+    assert batches and set(batches) == {2}, batches
+
+
+def test_bad_tta_flag_is_a_usage_error(capsys):
+    bench = load_bench()
+    try:
+        bench.main(["--quick", "--no-variants", "--tta", "vflip"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("--tta vflip was accepted")
+    assert "--tta: invalid choice: 'vflip'" in capsys.readouterr().err
