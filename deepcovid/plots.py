@@ -43,7 +43,10 @@ def plot_roc(y_true, prob, path: Path, title: str = "ROC (validation)", auc_inte
     95 % bootstrap interval (``metrics.bootstrap_ci``), written under the curve when given."""
     fpr, tpr = roc_points(y_true, prob)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    RocCurveDisplay(fpr=fpr, tpr=tpr, roc_auc=auc(fpr, tpr)).plot(ax=ax)
+    disp = RocCurveDisplay(fpr=fpr, tpr=tpr, roc_auc=auc(fpr, tpr)).plot(ax=ax)
+    # sklearn's legend rounds to two decimals, which shows a validation AUC of 0.995 as "1.00"
+    disp.line_.set_label(f"AUC = {disp.roc_auc:.3f}")
+    ax.legend(loc="lower right")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     if auc_interval is not None:
         ax.text(0.97, 0.2, f"AUC 95 % interval over these images:\n{auc_interval[0]:.3f} to {auc_interval[1]:.3f}",

@@ -87,3 +87,28 @@ def test_bootstrap_interval_brackets_the_score_narrows_with_more_images_and_keep
     listed = format_ci_list({"a": {"ci95": ci}, "b": {"ci95": None}, "c": {"ci95": big}})
     assert listed.startswith("95 % intervals") and listed.count("\n- ") == 2 and f"- a: {format_ci(ci, method=False)}" in listed
     assert format_ci_list({"b": {}}) == ""
+
+
+def test_roc_plot_legend_shows_auc_to_three_decimals(tmp_path, monkeypatch):
+    """A validation AUC of 0.995 must not read "AUC = 1.00" (sklearn's default rounding)."""
+    import numpy as np
+
+    from deepcovid import plots
+    from deepcovid.metrics import binary_metrics
+
+    y = np.array([0] * 100 + [1] * 100)
+    p = np.linspace(0.0, 1.0, 200)
+    p[[80, 120]] = p[[120, 80]]  # 40 of the 10,000 pairs ranked the wrong way round: AUC 0.996
+    expected = binary_metrics(y, p, 0.5)["auc"]
+    assert abs(expected - 0.996) < 1e-9 and f"{expected:.2f}" == "1.00"
+    legends = []
+    save = plots._save
+
+    def spy(fig, path):
+        legends.append([t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()])
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    out = plots.plot_roc(y, p, tmp_path / "roc.png")
+    assert out.is_file() and out.stat().st_size > 1000
+    assert legends == [[f"AUC = {expected:.3f}"]], legends
