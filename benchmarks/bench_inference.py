@@ -126,7 +126,7 @@ def run_benchmark(quick: bool = False, arch: str = "efficientnet_lite0", size: i
     from pytorch_grad_cam import GradCAM
 
     from deepcovid.cam import LogitTarget
-    from deepcovid.models import tta_views
+    from deepcovid.models import merge_tta, tta_views
 
     weights = weights or ("none" if quick else "imagenet")
     reps = reps or (3 if quick else 30)
@@ -150,20 +150,17 @@ def run_benchmark(quick: bool = False, arch: str = "efficientnet_lite0", size: i
 
     # (c) the usual recipe, on an independent copy of the same weights with gradients on
     plain = copy.deepcopy(model).eval().requires_grad_(True)
+    plain.tta = "none"  # the recipe makes the views itself (grad-cam needs one output per view)
     layers = [plain.backbone.get_submodule(n) for n in predictor.cam_layer_names]
 
     def recipe():
+        views = tta_views(x, tta)
         with torch.no_grad():
-            p = torch.sigmoid(plain(x))[0, 0].item()
+            p = torch.sigmoid(merge_tta(plain(views), tta, 1))[0, 0].item()
         target = LogitTarget(+1 if p >= 0.5 else -1)
-        # input gradient on, as in the usual recipe; with TTA the plain model on both views
-        xg = tta_views(x, tta).detach().clone().requires_grad_(True)
-        tta_was, plain.tta = plain.tta, "none"
-        try:
-            with GradCAM(model=plain, target_layers=layers) as cam:
-                return cam(input_tensor=xg, targets=[target] * xg.shape[0])[0]
-        finally:
-            plain.tta = tta_was
+        xg = views.detach().clone().requires_grad_(True)  # input gradient on, as in the usual recipe
+        with GradCAM(model=plain, target_layers=layers) as cam:
+            return cam(input_tensor=xg, targets=[target] * xg.shape[0])[0]
 
     def predict_only():
         return predictor.predict(prepared)
