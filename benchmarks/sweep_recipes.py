@@ -1,6 +1,8 @@
 """Recipe variants × seeds: one model per (variant, seed), on one fixed patient-level validation
 split, with validation and test/ metrics at the run's threshold, their mean and spread over seeds,
-and the seed ensembles (mean probability) of each variant.
+and the seed ensembles (mean probability) of each variant; with --ensembles, ensembles across
+variants too (one model of each named variant, same seed), which is how ensemble recipes whose
+members are variants are compared without training any member twice.
 
 Seeds matter on this data: two seeds of one recipe differ by up to 0.02 in test/ AUC, so a
 change is only worth keeping if it moves the mean by more than the spread. test/ is reported
@@ -9,8 +11,11 @@ for comparing recipes, as the data README allows; nothing here chooses an epoch 
     python benchmarks/sweep_recipes.py --data ../shared/data/chest_xray --preset cpu-fast \\
         --variants '{"base": {}, "zoom": {"augment": {"zoom": 0.1}}}' --seeds 0,1,2 --out runs/sweep
     python benchmarks/sweep_recipes.py --quick     # CI mode: CPU, synthetic images, seconds
+    python benchmarks/sweep_recipes.py --out runs/sweep --summarize \\
+        --ensembles '{"l0+l1": ["l0", "l1"], "l0+l1+l2": ["l0", "l1", "l2"]}'   # no training
 
-Writes OUT/results.jsonl (one line per run) and OUT/probs.npz (labels and probabilities).
+Writes OUT/results.jsonl (one line per run) and OUT/probs.npz (labels and probabilities);
+--summarize reads them back instead of training.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ def run(args) -> list[dict]:
         raise ConfigError(f"--variants and --base take JSON objects, --seeds integers: {exc}") from exc
     if not variants or not seeds:
         raise ConfigError("--variants and --seeds must each name at least one")
+    ensembles = parse_ensembles(args.ensembles, variants) if args.ensembles else None  # a typo fails before any training
     base = resolve_config(base_overrides, args.preset)
     base["ensemble"] = None  # one model per (variant, seed): ensembles are formed below from their outputs
     split = int(base["seed"] if base.get("split_seed") is None else base["split_seed"])
@@ -74,7 +80,76 @@ def run(args) -> list[dict]:
         print(json.dumps(row), flush=True)
         np.savez_compressed(out / "probs.npz", **probs)  # after every run: a cut-short sweep keeps its runs
     print(summary(rows, probs, variants, seeds, classes, thr))
+    if ensembles:
+        print(ensemble_summary(probs, ensembles, seeds, classes, thr))
     return rows
+
+
+def parse_ensembles(text: str, variants) -> dict[str, list[str]]:
+    from deepcovid.errors import ConfigError
+
+    try:
+        ensembles = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"--ensembles takes a JSON object {{name: [variant, ...]}}: {exc}") from exc
+    if not isinstance(ensembles, dict) or not all(isinstance(m, list) and m for m in ensembles.values()):
+        raise ConfigError("--ensembles takes a JSON object {name: [variant, ...]}, each list non-empty")
+    unknown = sorted({v for m in ensembles.values() for v in m} - set(variants))
+    if unknown:
+        raise ConfigError(f"--ensembles names variants the sweep does not have: {', '.join(map(str, unknown))}; "
+                          f"it has: {', '.join(variants)}")
+    return ensembles
+
+
+def ensemble_summary(probs, ensembles: dict[str, list[str]], seeds, classes, thr) -> str:
+    """Each named ensemble at each seed: the mean probability of its variants' models of that
+    seed (as ``fit_ensemble`` combines members), scored at the sweep's threshold; then the mean
+    and spread of those scores over the seeds."""
+    from deepcovid.errors import ConfigError
+    from deepcovid.metrics import compute_metrics
+
+    lines = ["| ensemble of variants | split | " + " | ".join(KEYS) + " | " + " | ".join(f"f1 at seed {s}" for s in seeds) + " |",
+             "|---|---|" + "---|" * (len(KEYS) + len(seeds))]
+    for name, members in ensembles.items():
+        for part in ("val", "test"):
+            if f"{members[0]}/{seeds[0]}/{part}/y" not in probs:
+                continue
+            got = []
+            for s in seeds:
+                y = probs[f"{members[0]}/{s}/{part}/y"]
+                if any(not np.array_equal(probs[f"{m}/{s}/{part}/y"], y) for m in members):
+                    raise ConfigError(f"{name}: the variants' {part} labels differ at seed {s}; they must share one split")
+                got.append(compute_metrics(y, np.mean([probs[f"{m}/{s}/{part}/p"] for m in members], axis=0), classes, thr))
+            cells = [f"{np.mean([g[k] for g in got]):.4f} ± {np.std([g[k] for g in got]):.4f}" for k in KEYS]
+            lines.append(f"| {name} ({' + '.join(members)}) | {part} | " + " | ".join(cells) + " | "
+                         + " | ".join(f"{g['f1']:.4f}" for g in got) + " |")
+    return "\n".join(lines)
+
+
+def summarize(args) -> None:
+    """Print the tables of a finished sweep from OUT/results.jsonl and OUT/probs.npz, training nothing."""
+    from deepcovid.errors import ConfigError
+
+    results, npz = args.out / "results.jsonl", args.out / "probs.npz"
+    if not (results.is_file() and npz.is_file()):
+        raise ConfigError(f"--summarize reads {results} and {npz}: run the sweep with --out {args.out} first")
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ConfigError(f"{results} holds no runs")
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    seeds = sorted({r["seed"] for r in rows if r["variant"] == variants[0]})
+    thresholds = {r["threshold"] for r in rows}
+    if len(thresholds) != 1:
+        raise ConfigError(f"the sweep's runs have different thresholds {sorted(thresholds)}; summarize them one at a time")
+    with np.load(npz) as z:
+        probs = {k: z[k] for k in z.files}
+    p0 = probs[f"{variants[0]}/{seeds[0]}/val/p"]
+    # The sweep saves probabilities, not class names: two classes when each image has one score.
+    classes = ["negative", "positive"] if p0.ndim == 1 else [str(i) for i in range(p0.shape[1])]
+    thr = thresholds.pop()
+    print(summary(rows, probs, variants, seeds, classes, thr))
+    if args.ensembles:
+        print(ensemble_summary(probs, parse_ensembles(args.ensembles, variants), seeds, classes, thr))
 
 
 def summary(rows, probs, variants, seeds, classes, thr) -> str:
@@ -106,8 +181,13 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default='{"base": {}}', help="JSON {name: overrides}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", type=Path, help="where runs and results go (default runs/sweep; --quick: a temporary folder)")
+    p.add_argument("--ensembles", help="JSON {name: [variant, ...]}: ensembles across variants, per seed")
+    p.add_argument("--summarize", action="store_true",
+                   help="train nothing: print the tables of the sweep already in --out")
     p.add_argument("--quick", action="store_true", help="CI mode: CPU, synthetic images, seconds")
     args = p.parse_args(argv)
+    if args.summarize and (args.quick or args.out is None):
+        p.error("--summarize needs --out (the finished sweep's folder) and no --quick")
     tmp = None
     if args.quick:
         from _synthetic import fast_train_config, synthetic_folder
@@ -118,13 +198,16 @@ def main(argv=None) -> int:
         synthetic_folder(root / "data" / "test", {"NORMAL": 4, "PNEUMONIA": 4}, size=40, seed=7)
         args.data, args.out, args.seeds = root / "data", args.out or root / "out", "0,1"
         args.base = json.dumps({**fast_train_config(), "epochs": 1, "device": "cpu", "cache_dir": str(root / "cache")})
-    if args.data is None:
+    if args.data is None and not args.summarize:
         p.error("--data is required (or --quick)")
     args.out = args.out or Path("runs/sweep")
     from deepcovid.errors import DeepCovidError
 
     try:
-        run(args)
+        if args.summarize:
+            summarize(args)
+        else:
+            run(args)
     except DeepCovidError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -13,7 +14,9 @@ def test_recipe_sweep_runs_in_quick_mode(tmp_path, capsys):
     import sweep_recipes
 
     variants = {"base": {}, "no-aug": {"no_augment": True}}
-    assert sweep_recipes.main(["--quick", "--variants", json.dumps(variants), "--out", str(tmp_path)]) == 0
+    both = json.dumps({"both": ["base", "no-aug"]})
+    assert sweep_recipes.main(["--quick", "--variants", json.dumps(variants), "--out", str(tmp_path),
+                               "--ensembles", both]) == 0
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [(r["variant"], r["seed"]) for r in rows] == [("base", 0), ("base", 1), ("no-aug", 0), ("no-aug", 1)]
     for r in rows:
@@ -30,3 +33,53 @@ def test_recipe_sweep_runs_in_quick_mode(tmp_path, capsys):
     out = capsys.readouterr().out
     assert len(re.findall(r"^\| base \(mean ± sd of 2 seeds\) \| (val|test) \|", out, flags=re.M)) == 2
     assert "| base (ensemble of seeds [0, 1]) | test |" in out
+
+    assert re.search(r"^\| both \(base \+ no-aug\) \| test \| ", out, flags=re.M), out
+
+    # --summarize prints the same tables from the saved sweep and trains nothing
+    runs_before = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert sweep_recipes.main(["--out", str(tmp_path), "--summarize", "--ensembles", both]) == 0
+    again = capsys.readouterr().out
+    assert "| base (ensemble of seeds [0, 1]) | test |" in again
+    assert [line for line in again.splitlines() if line.startswith("| both")] == [
+        line for line in out.splitlines() if line.startswith("| both")]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == runs_before
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
+
+
+def test_recipe_sweep_rejects_bad_ensembles_and_missing_sweeps(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import sweep_recipes
+
+    # an ensemble naming a variant the sweep lacks fails before anything trains
+    assert sweep_recipes.main(["--quick", "--out", str(tmp_path / "a"), "--ensembles", '{"x": ["base", "nope"]}']) == 2
+    assert "does not have: nope" in capsys.readouterr().err and not (tmp_path / "a" / "runs").exists()
+    assert sweep_recipes.main(["--out", str(tmp_path / "none"), "--summarize"]) == 2
+    assert "run the sweep with --out" in capsys.readouterr().err
+    assert sweep_recipes.main(["--quick", "--out", str(tmp_path / "b"), "--ensembles", "[1]"]) == 2
+    with pytest.raises(SystemExit):
+        sweep_recipes.main(["--summarize"])  # --summarize needs --out: a usage error
+
+
+def test_ensembles_across_variants_average_each_seeds_members(tmp_path, capsys):
+    """A hand-made sweep where each variant alone scores F1 0.5 at seed 0 and their mean
+    probability 0.667: the table must show the ensemble's, seed by seed."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import sweep_recipes
+
+    y = np.array([0, 0, 1, 1])
+    p = {("a", 0): [0.6, 0.1, 0.9, 0.4], ("b", 0): [0.2, 0.55, 0.7, 0.45],  # mean: 0.4 0.325 0.8 0.425 -> F1 2/3
+         ("a", 1): [0.1, 0.2, 0.9, 0.8], ("b", 1): [0.3, 0.1, 0.6, 0.1]}    # mean: 0.2 0.15 0.75 0.45 -> F1 2/3
+    rows = [{"variant": v, "seed": s, "seconds": 1.0, "epoch": 1, "threshold": 0.5,
+             "val": dict.fromkeys(sweep_recipes.KEYS, 0.5)} for v, s in p]  # the per-variant table reads these
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    np.savez(tmp_path / "probs.npz", **{f"{v}/{s}/val/y": y for v, s in p}, **{f"{v}/{s}/val/p": np.array(q) for (v, s), q in p.items()})
+    assert sweep_recipes.main(["--out", str(tmp_path), "--summarize", "--ensembles", '{"ab": ["a", "b"], "a": ["a"]}']) == 0
+    out = capsys.readouterr().out
+    cells = {m.group(1): [c.strip() for c in m.group(2).split("|")]
+             for m in re.finditer(r"^\| (ab|a) \([^)]*\) \| val \| (.*) \|$", out, flags=re.M)}
+    assert set(cells) == {"ab", "a"}, out
+    # accuracy, f1, specificity, auc (mean ± sd), then f1 at seed 0 and seed 1
+    assert [float(c) for c in cells["ab"][-2:]] == pytest.approx([2 / 3, 2 / 3], abs=1e-4)
+    assert cells["ab"][1] == "0.6667 ± 0.0000" and cells["ab"][0] == "0.7500 ± 0.0000"
+    assert [float(c) for c in cells["a"][-2:]] == pytest.approx([0.5, 1.0], abs=1e-4)
