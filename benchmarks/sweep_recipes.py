@@ -79,10 +79,19 @@ def run(args) -> list[dict]:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
         np.savez_compressed(out / "probs.npz", **probs)  # after every run: a cut-short sweep keeps its runs
+    print_tables(rows, probs, variants, seeds, classes, thr, ensembles)
+    return rows
+
+
+def print_tables(rows, probs, variants, seeds, classes, thr, ensembles=None) -> None:
     print(summary(rows, probs, variants, seeds, classes, thr))
     if ensembles:
         print(ensemble_summary(probs, ensembles, seeds, classes, thr))
-    return rows
+
+
+def mean_sd_cells(got: list[dict]) -> list[str]:
+    """``mean ± sd`` over seeds of each of KEYS, for the tables' cells."""
+    return [f"{np.mean([g[k] for g in got]):.4f} ± {np.std([g[k] for g in got]):.4f}" for k in KEYS]
 
 
 def parse_ensembles(text: str, variants) -> dict[str, list[str]]:
@@ -120,8 +129,7 @@ def ensemble_summary(probs, ensembles: dict[str, list[str]], seeds, classes, thr
                 if any(not np.array_equal(probs[f"{m}/{s}/{part}/y"], y) for m in members):
                     raise ConfigError(f"{name}: the variants' {part} labels differ at seed {s}; they must share one split")
                 got.append(compute_metrics(y, np.mean([probs[f"{m}/{s}/{part}/p"] for m in members], axis=0), classes, thr))
-            cells = [f"{np.mean([g[k] for g in got]):.4f} ± {np.std([g[k] for g in got]):.4f}" for k in KEYS]
-            lines.append(f"| {name} ({' + '.join(members)}) | {part} | " + " | ".join(cells) + " | "
+            lines.append(f"| {name} ({' + '.join(members)}) | {part} | " + " | ".join(mean_sd_cells(got)) + " | "
                          + " | ".join(f"{g['f1']:.4f}" for g in got) + " |")
     return "\n".join(lines)
 
@@ -137,6 +145,7 @@ def summarize(args) -> None:
     if not rows:
         raise ConfigError(f"{results} holds no runs")
     variants = list(dict.fromkeys(r["variant"] for r in rows))
+    ensembles = parse_ensembles(args.ensembles, variants) if args.ensembles else None
     seeds = sorted({r["seed"] for r in rows if r["variant"] == variants[0]})
     thresholds = {r["threshold"] for r in rows}
     if len(thresholds) != 1:
@@ -146,10 +155,7 @@ def summarize(args) -> None:
     p0 = probs[f"{variants[0]}/{seeds[0]}/val/p"]
     # The sweep saves probabilities, not class names: two classes when each image has one score.
     classes = ["negative", "positive"] if p0.ndim == 1 else [str(i) for i in range(p0.shape[1])]
-    thr = thresholds.pop()
-    print(summary(rows, probs, variants, seeds, classes, thr))
-    if args.ensembles:
-        print(ensemble_summary(probs, parse_ensembles(args.ensembles, variants), seeds, classes, thr))
+    print_tables(rows, probs, variants, seeds, classes, thresholds.pop(), ensembles)
 
 
 def summary(rows, probs, variants, seeds, classes, thr) -> str:
@@ -161,8 +167,7 @@ def summary(rows, probs, variants, seeds, classes, thr) -> str:
             got = [r[part] for r in rows if r["variant"] == name and part in r]
             if not got:
                 continue
-            cells = [f"{np.mean([g[k] for g in got]):.4f} ± {np.std([g[k] for g in got]):.4f}" for k in KEYS]
-            lines.append(f"| {name} (mean ± sd of {len(got)} seeds) | {part} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} (mean ± sd of {len(got)} seeds) | {part} | " + " | ".join(mean_sd_cells(got)) + " |")
             for n in sorted({2, len(seeds)}):
                 if len(seeds) < n or n < 2:
                     continue

@@ -110,8 +110,8 @@ PRESETS: dict[str, dict] = {
     # a 2-core AVX2-only CPU, over the 30-minute budget. A sweep of the members at both sizes and
     # both Lite0 lengths (benchmarks/sweep_recipes.py on a GPU, seeds 0-2, validation only; README
     # "Results") chose this one: the best mean validation F1 of the three-backbone ensembles that fit
-    # the budget with a margin (96.44 % against 96.13 % for the old recipe), and a 192-px step costs
-    # about 0.77 of a 224-px one. Members must share one input size (one preprocessing per image).
+    # the budget with a margin (96.44 % against 96.13 % for the old recipe); a 192-px epoch takes
+    # 0.69-0.77 of a 224-px one there. Members must share one input size (one preprocessing per image).
     # Measured on test/ as a recipe comparison: training longer or fine-tuning only the last blocks fits the train
     # distribution better (validation F1 up) and the shifted test/ distribution worse; the
     # validation-F1 threshold does not transfer either (see README), so the decision threshold is

@@ -9,10 +9,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_recipe_sweep_runs_in_quick_mode(tmp_path, capsys):
+@pytest.fixture
+def sweep_recipes():
     sys.path.insert(0, str(REPO / "benchmarks"))
     import sweep_recipes
 
+    return sweep_recipes
+
+
+def test_recipe_sweep_runs_in_quick_mode(sweep_recipes, tmp_path, capsys):
     variants = {"base": {}, "no-aug": {"no_augment": True}}
     both = json.dumps({"both": ["base", "no-aug"]})
     assert sweep_recipes.main(["--quick", "--variants", json.dumps(variants), "--out", str(tmp_path),
@@ -47,10 +52,7 @@ def test_recipe_sweep_runs_in_quick_mode(tmp_path, capsys):
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
 
 
-def test_recipe_sweep_rejects_bad_ensembles_and_missing_sweeps(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import sweep_recipes
-
+def test_recipe_sweep_rejects_bad_ensembles_and_missing_sweeps(sweep_recipes, tmp_path, capsys):
     # an ensemble naming a variant the sweep lacks fails before anything trains
     assert sweep_recipes.main(["--quick", "--out", str(tmp_path / "a"), "--ensembles", '{"x": ["base", "nope"]}']) == 2
     assert "does not have: nope" in capsys.readouterr().err and not (tmp_path / "a" / "runs").exists()
@@ -61,12 +63,9 @@ def test_recipe_sweep_rejects_bad_ensembles_and_missing_sweeps(tmp_path, capsys)
         sweep_recipes.main(["--summarize"])  # --summarize needs --out: a usage error
 
 
-def test_ensembles_across_variants_average_each_seeds_members(tmp_path, capsys):
+def test_ensembles_across_variants_average_each_seeds_members(sweep_recipes, tmp_path, capsys):
     """A hand-made sweep where each variant alone scores F1 0.5 at seed 0 and their mean
     probability 0.667: the table must show the ensemble's, seed by seed."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import sweep_recipes
-
     y = np.array([0, 0, 1, 1])
     p = {("a", 0): [0.6, 0.1, 0.9, 0.4], ("b", 0): [0.2, 0.55, 0.7, 0.45],  # mean: 0.4 0.325 0.8 0.425 -> F1 2/3
          ("a", 1): [0.1, 0.2, 0.9, 0.8], ("b", 1): [0.3, 0.1, 0.6, 0.1]}    # mean: 0.2 0.15 0.75 0.45 -> F1 2/3
