@@ -80,6 +80,11 @@ DEFAULTS: dict = {
     # MixUp (Zhang et al., ICLR 2018): each training batch becomes convex mixtures of pairs of
     # its images and their labels, mixing weight ~ Beta(alpha, alpha). 0: off.
     "mixup": 0.0,
+    # An exponential moving average of the weights (timm's ModelEmaV3 with its warmup: the decay
+    # of update t is 1 - t^(-2/3), capped at this value), validated, checkpointed and served in
+    # place of the raw weights. 0: off. Not in cpu-fast: on its one-epoch members it raised
+    # validation F1 and lowered test/ AUC and specificity (README, "What was measured on the way").
+    "ema": 0.0,
     # Test-time augmentation of the model (models.TTA_CHOICES): "hflip" averages the image's and
     # its mirror's probabilities in validation, in test/ reports and, from the checkpoint, in
     # every prediction and explanation, so the model chosen is the model served.
@@ -203,6 +208,8 @@ def validate_config(cfg: dict) -> None:
         raise ConfigError(f"--label-smoothing must be in [0, 0.5), got {cfg['label_smoothing']}")
     if not (isinstance(cfg["mixup"], (int, float)) and math.isfinite(cfg["mixup"]) and cfg["mixup"] >= 0):
         raise ConfigError(f"--mixup must be a non-negative number (Beta alpha; 0: off), got {cfg['mixup']!r}")
+    if not (isinstance(cfg["ema"], (int, float)) and 0 <= cfg["ema"] < 1):
+        raise ConfigError(f"--ema must be a decay in [0, 1) (0: off), got {cfg['ema']!r}")
     cfg["tta"] = check_tta(cfg["tta"])  # "HFLIP" -> "hflip": the model compares it as written
     if cfg["input_size"] is not None and int(cfg["input_size"]) < 32:
         raise ConfigError(f"--input-size must be at least 32, got {cfg['input_size']}")
@@ -372,8 +379,10 @@ class BatchMixUp:
 
 def train_one_epoch(model, loader, criterion, optimizer, device, *, epoch: int, amp=None, scaler=None,
                     max_batches: int | None = None, aux_weight: float = 0.4, desc: str = "train",
-                    sync_every: int | None = None, prepare=None, mix=None):
+                    sync_every: int | None = None, prepare=None, mix=None, ema=None):
     """One pass over ``loader``; returns (mean loss, labels, probabilities).
+
+    ``ema`` (a :class:`WeightAverage`) is updated from ``model`` after every optimizer step.
 
     ``mix`` (a :class:`BatchMixUp`) trains on mixed batches; the returned probabilities are then
     the model's on the mixtures, against each image's own label.
@@ -421,6 +430,8 @@ def train_one_epoch(model, loader, criterion, optimizer, device, *, epoch: int, 
         else:
             loss.backward()
             optimizer.step()
+        if ema is not None:
+            ema.update(model)
         loss_sum += loss.detach() * len(y)
         n += len(y)
         all_probs.append(logits_to_probs(logits.detach()))
@@ -450,6 +461,36 @@ def evaluate(model, loader, criterion, device, *, amp=None, desc: str = "val", p
             all_probs.append(logits_to_probs(logits).cpu())
             all_labels.append(y.cpu())
     return total / max(n, 1), torch.cat(all_labels).numpy(), torch.cat(all_probs).numpy()
+
+
+class WeightAverage:
+    """timm's ``ModelEmaV3`` (with warmup) and the count of its updates, which ModelEmaV3 takes
+    from the caller for the warmup and which a resumed run must continue from. ``module`` is the
+    averaged model."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        from timm.utils import ModelEmaV3
+
+        self.ema = ModelEmaV3(model, decay=decay, use_warmup=True)
+        self.updates = 0
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ema.module
+
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        self.ema.update(getattr(model, "_orig_mod", model), step=self.updates)  # a torch.compile'd model's own module
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"ema.{k}": v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], updates: int) -> None:
+        state = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+        if not state:
+            raise ConfigError("this run's last checkpoint holds no weight average: it was saved without --ema")
+        self.module.load_state_dict(state)
+        self.updates = int(updates)
 
 
 # ---------------------------------------------------------------------------------------
@@ -802,6 +843,9 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
     if cfg["tta"] != "none" and feature_cached:
         raise ConfigError(f"--tta {cfg['tta']} validates on each image's views, but this run validates on cached outputs "
                           "of the frozen layers: add --no-feature-cache, or fine-tune the whole model (--freeze none)")
+    if cfg["ema"] and feature_cached:
+        raise ConfigError("--ema averages the whole model's weights, but this run trains on cached outputs of the frozen "
+                          "layers: add --no-feature-cache, or fine-tune the whole model (--freeze none)")
     model.tta = cfg["tta"]  # validation and the test/ report see the model as it will be served
 
     if resume is None:
@@ -847,6 +891,12 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
     if cfg["head_epochs"] and resume_state is None and parse_freeze(cfg["freeze"]) != "backbone":
         linear_probe(model, train_loader.dataset, val_loader.dataset, criterion, eval_criterion, cfg, device, amp, prepare)
     mix = BatchMixUp(cfg["mixup"], len(classes)) if cfg["mixup"] else None
+    ema = None
+    if cfg["ema"]:
+        # Started after the linear probe, from the weights that fine-tuning starts from.
+        ema = WeightAverage(model, cfg["ema"])
+        if resume_state is not None:
+            ema.load_tensors(resume_state.extra, resume_state.meta.get("ema_updates", 0))
     step_model = model
     split = model.split_frozen(cfg["freeze"]) if feature_cached else None
     if split is not None:
@@ -888,8 +938,9 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
             epoch_loader = train_loader(epoch) if callable(train_loader) else train_loader
             tr_loss, tr_y, tr_p = train_one_epoch(train_model, epoch_loader, criterion, optimizer, device, epoch=epoch,
                                                   amp=amp, scaler=scaler, max_batches=cfg["max_train_batches"],
-                                                  prepare=train_prepare, mix=mix)
-            va_loss, va_y, va_p = evaluate(step_model, val_loader, eval_criterion, device, amp=amp, prepare=prepare)
+                                                  prepare=train_prepare, mix=mix, ema=ema)
+            served = ema.module if ema is not None else step_model  # what is validated is what is saved as best
+            va_loss, va_y, va_p = evaluate(served, val_loader, eval_criterion, device, amp=amp, prepare=prepare)
             threshold = choose_threshold(cfg, va_y, va_p, binary)
             tr_m = compute_metrics(tr_y, tr_p, classes, 0.5)
             va_m05 = compute_metrics(va_y, va_p, classes, 0.5)
@@ -911,7 +962,7 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
                 best = {"epoch": epoch, "f1": va_m["f1"], "loss": va_loss}
                 meta = {**base_meta, "threshold": threshold, "val_metrics": val_metrics, "epoch": epoch,
                         "val_metrics_at_0.5": {k: va_m05[k] for k in METRIC_KEYS}}
-                save_checkpoint(run_dir, "best", model.state_dict(), meta)
+                save_checkpoint(run_dir, "best", (ema.module if ema is not None else model).state_dict(), meta)
                 best_outputs = (epoch, va_y, va_p, threshold)
                 best_val = (va_y, va_p)
             if va_loss < best_val_loss - 1e-6:
@@ -921,10 +972,12 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
             best.update(best_val_loss=best_val_loss, bad_epochs=bad_epochs)
             stopping = epoch == cfg["epochs"] or bool(cfg["patience"] and bad_epochs >= cfg["patience"])
             opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+            # last holds the raw weights (training continues from them) and, with --ema, the average.
+            ema_tensors, ema_meta = ({}, {}) if ema is None else (ema.to_tensors(), {"ema_updates": ema.updates})
             pending_last = ({k: v.detach().clone() for k, v in model.state_dict().items()},
                             {**base_meta, "threshold": threshold, "val_metrics": val_metrics, "epoch": epoch,
-                             "history": list(history), "best": dict(best), "optimizer": opt_meta},
-                            {k: v.clone() for k, v in opt_tensors.items()})
+                             "history": list(history), "best": dict(best), "optimizer": opt_meta, **ema_meta},
+                            {**{k: v.clone() for k, v in opt_tensors.items()}, **ema_tensors})
             if stopping or time.perf_counter() - last_saved >= LAST_EVERY_S:
                 save_checkpoint(run_dir, "last", pending_last[0], pending_last[1], extra_tensors=pending_last[2])
                 pending_last, last_saved = None, time.perf_counter()
@@ -1270,6 +1323,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixup", type=float, metavar="ALPHA",
                    help="MixUp: train on mixtures of pairs of images and their labels, weight ~ Beta(ALPHA, ALPHA); "
                         "0: off (default); needs the images, so not with a cached frozen backbone")
+    p.add_argument("--ema", type=float, metavar="DECAY",
+                   help="validate, checkpoint and serve an exponential moving average of the weights (timm's "
+                        "ModelEmaV3 with warmup) at this decay, e.g. 0.998; 0: off (default)")
     p.add_argument("--tta", help="test-time augmentation: none (default) or hflip (average each image's and its "
                                  "mirror's probabilities; stored in the checkpoint, so validation, test/ reports, "
                                  "predictions and explanations all use it; twice the inference cost)")
