@@ -35,33 +35,32 @@ def view_sets(scales: list[float]) -> dict[str, list[tuple[float, bool]]]:
 
 
 def view_probabilities(ckpt, samples, views: list[tuple[float, bool]], batch_size: int = 64) -> tuple[np.ndarray, dict]:
-    """(labels, {view: positive-class probability}) of a checkpoint's model without its own TTA."""
+    """(labels, {view: positive-class probability}) of a checkpoint's model without its own TTA,
+    each view run through training's ``evaluate`` on uint8 batches normalised as training does."""
     import torch
     import torchvision.transforms.v2.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
     from torchvision.transforms import InterpolationMode
 
     from deepcovid.data import DecodedImages
-    from deepcovid.training import logits_to_probs
-    from deepcovid.transforms import normalize
+    from deepcovid.training import batch_normalizer, evaluate
 
     meta = ckpt.meta
-    model = ckpt.build_model().eval().to(memory_format=torch.channels_last)
+    model = ckpt.build_model().to(memory_format=torch.channels_last)
     model.tta = "none"  # the views are made here, one at a time
     images = DecodedImages(samples, int(meta["input_size"]), "memory", None, desc="decoding", clahe=meta.get("clahe"))
     x8 = torch.stack([torch.from_numpy(np.ascontiguousarray(images.get(i))).permute(2, 0, 1) for i in range(len(images))])
+    y = torch.tensor([s.label for s in images.samples])
+    prepare = batch_normalizer(meta["mean"], meta["std"], meta["color_space"])
     out = {}
-    with torch.inference_mode():
-        for scale, mirrored in views:
-            x = x8 if scale == 1.0 else F.affine(x8, angle=0.0, translate=[0, 0], scale=scale, shear=[0.0, 0.0],
-                                                 interpolation=InterpolationMode.NEAREST, fill=0)
-            x = x.flip(-1) if mirrored else x
-            ps = []
-            for b in range(0, len(x), batch_size):
-                xb = normalize(x[b:b + batch_size], meta["mean"], meta["std"], meta["color_space"])
-                p = logits_to_probs(model(xb.contiguous(memory_format=torch.channels_last)))
-                ps.append((p[:, -1] if p.ndim == 2 else p).double().numpy())
-            out[(scale, mirrored)] = np.concatenate(ps)
-    return np.array([s.label for s in images.samples]), out
+    for scale, mirrored in views:
+        x = x8 if scale == 1.0 else F.affine(x8, angle=0.0, translate=[0, 0], scale=scale, shear=[0.0, 0.0],
+                                             interpolation=InterpolationMode.NEAREST, fill=0)
+        x = x.flip(-1) if mirrored else x
+        _, _, p = evaluate(model, DataLoader(TensorDataset(x, y), batch_size=batch_size), None, torch.device("cpu"),
+                           desc=f"zoom {scale:g}{' mirrored' if mirrored else ''}", prepare=prepare)
+        out[(scale, mirrored)] = (p[:, -1] if p.ndim == 2 else p).astype(np.float64)
+    return y.numpy(), out
 
 
 def main(argv=None) -> int:

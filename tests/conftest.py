@@ -38,6 +38,17 @@ FAST_TRAIN = {"arch": "efficientnet_lite0", "weights": "imagenet", "input_size":
               "val_fraction": 0.25, "cache": "memory", "patience": 0, "freeze": "none", "lr": 1e-3}
 
 
+def ctrl_c_in_epoch(train_one_epoch, epoch: int):
+    """``train_one_epoch`` as if Ctrl-C were pressed when ``epoch`` starts."""
+
+    def wrapped(*a, **k):
+        if k["epoch"] == epoch:
+            raise KeyboardInterrupt
+        return train_one_epoch(*a, **k)
+
+    return wrapped
+
+
 def make_image_folder(root: Path, counts: dict[str, int], size: int = 64, seed: int = 0,
                       images_per_patient: int = 2, ext: str = ".jpeg") -> Path:
     """Write ROOT/<CLASS>/<patient>-<k><ext> images. Classes whose name is not NORMAL are 'positive'."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import FAST_TRAIN, make_train_test
+from conftest import FAST_TRAIN, ctrl_c_in_epoch, make_train_test
 from deepcovid.checkpoint import read_checkpoint
 from deepcovid.cli import main
 from deepcovid.data import load_splits
@@ -68,13 +68,7 @@ def test_a_resumed_run_continues_the_average(dataset, tmp_path, monkeypatch):
 
     cfg = resolve_config({**FAST, "epochs": 2, "ema": 0.9})
     real = tr.train_one_epoch
-
-    def stop_in_epoch_2(*a, **k):
-        if k["epoch"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(tr, "train_one_epoch", stop_in_epoch_2)
+    monkeypatch.setattr(tr, "train_one_epoch", ctrl_c_in_epoch(real, 2))
     assert fit({**cfg, "run_name": "halves"}, dataset, tmp_path).interrupted
     saved = read_checkpoint(tmp_path / "halves" / "last.safetensors")
     assert saved.meta["ema_updates"] == 3

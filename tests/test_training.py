@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import FAST_TRAIN, make_image_folder, make_train_test, shared_data_or_skip
+from conftest import FAST_TRAIN, ctrl_c_in_epoch, make_image_folder, make_train_test, shared_data_or_skip
 from deepcovid.checkpoint import load_checkpoint, read_checkpoint
 from deepcovid.cli import main
 from deepcovid.errors import ConfigError
@@ -87,13 +87,7 @@ def test_last_is_written_at_most_every_LAST_EVERY_S_and_never_lost_on_ctrl_c(dat
     monkeypatch.setattr(tr, "save_checkpoint", lambda d, name, sd, meta, **k: (writes.append((name, meta["epoch"])),
                                                                               real_save(d, name, sd, meta, **k))[1])
     real = tr.train_one_epoch
-
-    def interrupt_in_epoch_4(*a, **k):
-        if k["epoch"] == 4:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(tr, "train_one_epoch", interrupt_in_epoch_4)
+    monkeypatch.setattr(tr, "train_one_epoch", ctrl_c_in_epoch(real, 4))
     res = fit({**resolve_config({**FAST, "epochs": 5}), "run_name": "throttled"}, dataset, tmp_path)
     assert res.interrupted
     # the first epoch is written at once, epochs 2-3 are held in memory and written on Ctrl-C
