@@ -127,8 +127,8 @@ def test_model_card_lists_the_members(ensemble_run):
 
 
 def test_cpu_fast_is_an_ensemble_of_offline_backbones():
-    """The README's recipe: Lite0/Lite1/Lite2 members with flip TTA, on one 192 px input, each
-    with ImageNet weights that load without a network (the preset is checked before anything
+    """The README's recipe: Lite0/Lite1/Lite2 members with flip TTA and frozen BatchNorm statistics,
+    on one 192 px input, each with ImageNet weights that load without a network (the preset is checked before anything
     trains)."""
     from deepcovid.models import build_model
     from deepcovid.training import member_config
@@ -139,16 +139,17 @@ def test_cpu_fast_is_an_ensemble_of_offline_backbones():
     assert [m["arch"] for m in members] == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
     assert [m["epochs"] for m in members] == [1, 1, 1] and {m["input_size"] for m in members} == {192}
     assert [m["seed"] for m in members] == [0, 0, 0] and {m["tta"] for m in members} == {"hflip"}
+    assert {m["bn_stats"] for m in members} == {"frozen"}
     for m in members:
         model = build_model(m["arch"], 2, weights="imagenet", freeze=m["freeze"])
         assert model(torch.zeros(1, 3, 192, 192)).shape == (1, 1)
     # flags given explicitly override the preset's members too, but not their backbones; --seed
     # moves every member, and a member's seed_offset on top of it
-    cfg = resolve_config({"epochs": 3, "lr": 1e-4, "seed": 2, "tta": "none"}, "cpu-fast")
+    cfg = resolve_config({"epochs": 3, "lr": 1e-4, "seed": 2, "tta": "none", "bn_stats": "update"}, "cpu-fast")
     members = [member_config(cfg, m) for m in [*cfg["ensemble"], {"seed_offset": 10}]]
-    assert [(m["arch"], m["epochs"], m["lr"], m["seed"], m["tta"]) for m in members] == [
-        ("efficientnet_lite0", 3, 1e-4, 2, "none"), ("efficientnet_lite1", 3, 1e-4, 2, "none"),
-        ("efficientnet_lite2", 3, 1e-4, 2, "none"), ("efficientnet_lite0", 3, 1e-4, 12, "none")]
+    assert [(m["arch"], m["epochs"], m["lr"], m["seed"], m["tta"], m["bn_stats"]) for m in members] == [
+        ("efficientnet_lite0", 3, 1e-4, 2, "none", "update"), ("efficientnet_lite1", 3, 1e-4, 2, "none", "update"),
+        ("efficientnet_lite2", 3, 1e-4, 2, "none", "update"), ("efficientnet_lite0", 3, 1e-4, 12, "none", "update")]
     assert PRESETS["cpu-fast"]["epochs"] == 1 and PRESETS["cpu-fast"]["ensemble"][1] == {"arch": "efficientnet_lite1"}  # untouched
     for bad in ({"seed_offset": 1.5}, {"seed_offset": 1, "seed": 3}, {"seed_offset": True}):
         with pytest.raises(ConfigError, match="seed_offset must be an integer"):
