@@ -106,6 +106,12 @@ def make_checkpoint(run_dir: Path, arch: str = "efficientnet_lite0", classes=("N
     return save_checkpoint(Path(run_dir), "best", model.state_dict(), meta)
 
 
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A small train/ + test/ root (16 and 4 images a class, 48 px) for training runs; one per test module."""
+    return make_train_test(tmp_path_factory.mktemp("ds"), 16, 4, size=48)
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "imgs", {"NORMAL": 6, "PNEUMONIA": 6})

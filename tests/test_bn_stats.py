@@ -5,18 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import FAST_TRAIN, make_train_test
+from conftest import FAST_TRAIN
 from deepcovid.checkpoint import read_checkpoint
 from deepcovid.cli import main
 from deepcovid.models import build_model
 from deepcovid.training import fit, freeze_bn_stats, resolve_config
 
 STATS = ("running_mean", "running_var")
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return make_train_test(tmp_path_factory.mktemp("ds"), 16, 4, size=48)
 
 
 def test_frozen_layers_normalise_with_their_running_statistics_and_still_train():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import FAST_TRAIN, ctrl_c_in_epoch, make_train_test
+from conftest import FAST_TRAIN, ctrl_c_in_epoch
 from deepcovid.checkpoint import read_checkpoint
 from deepcovid.cli import main
 from deepcovid.data import load_splits
@@ -13,11 +13,6 @@ from deepcovid.metrics import compute_metrics
 from deepcovid.training import WeightAverage, fit, predict_samples, resolve_config
 
 FAST = FAST_TRAIN
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return make_train_test(tmp_path_factory.mktemp("ds"), 16, 4, size=48)
 
 
 def test_the_average_follows_timms_warmup_step_by_step():

@@ -4,18 +4,13 @@ import json
 import pytest
 import torch
 
-from conftest import FAST_TRAIN, ctrl_c_in_epoch, make_image_folder, make_train_test, shared_data_or_skip
+from conftest import FAST_TRAIN, ctrl_c_in_epoch, make_image_folder, shared_data_or_skip
 from deepcovid.checkpoint import load_checkpoint, read_checkpoint
 from deepcovid.cli import main
 from deepcovid.errors import ConfigError
 from deepcovid.training import fit, parse_grid, resolve_config, run_many, write_leaderboard
 
 FAST = FAST_TRAIN
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return make_train_test(tmp_path_factory.mktemp("ds"), 16, 4, size=48)
 
 
 def test_cli_train_writes_a_complete_run_folder(dataset, tmp_path):
