@@ -669,7 +669,7 @@ def _loaders(splits, spec_cfg: dict, cfg: dict, device: torch.device, images_tra
                                   generator=g, drop_last=drop_last, **common)
         train_prepare = prepare
     val_loader = DataLoader(val_ds, batch_size=cfg["batch_size"] * 2, shuffle=False, **common)
-    return train_loader, val_loader, aug_cfg, prepare, train_prepare
+    return train_loader, val_loader, aug_cfg, prepare, train_prepare, g
 
 
 def _feature_key(cfg: dict, arch: str, input_size: int, data_meta: dict, aug_cfg) -> str | None:
@@ -750,13 +750,14 @@ class FeatureCache:
             atomic_write_bytes(path, save({"train": fc.train, "train_y": fc.train_y, "val": fc.val, "val_y": fc.val_y}))
         return fc
 
-    def loaders(self, cfg: dict, device):
-        """(epoch -> train loader over view (epoch-1) % views, val loader)."""
+    def loaders(self, cfg: dict, device, generator: torch.Generator | None = None):
+        """(epoch -> train loader over view (epoch-1) % views, val loader). ``generator`` (a fresh
+        one seeded with ``cfg["seed"]`` if None) draws every epoch's order."""
         from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
         # Same generator and batch layout as the image loaders, so a seeded run sees the same
         # order of samples and the cached path reproduces the uncached one.
-        g = torch.Generator().manual_seed(cfg["seed"])
+        g = torch.Generator().manual_seed(cfg["seed"]) if generator is None else generator
         n = len(self.train_y)
         loaders = []
         for v in range(self.train.shape[0]):
@@ -790,6 +791,9 @@ def linear_probe(model, train_ds, val_ds, criterion, eval_criterion, cfg: dict, 
 # Plots are refreshed at most this often during training (and always at the end): a
 # matplotlib figure costs about 0.2 s, as much as a whole head-only epoch on cached features.
 PLOT_EVERY_S = 30.0
+# The state of the generator that orders the training batches, saved with ``last``.
+ORDER_RNG_KEY = "loader.order_rng"
+
 # ``last`` (the resume point) is written to disk at most this often, and always at the end, on
 # Ctrl-C and on an error: between writes the finished epoch is kept as an in-memory copy. Writing
 # it (serialise + SHA-256 + fsync of the model and optimizer) cost more than a whole cached
@@ -899,8 +903,8 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
 
     data_meta = {**splits.describe(), "train_counts": train_counts, "val_counts": val_counts,
                  "skipped": img_train.bad + img_val.bad}
-    train_loader, val_loader, aug_cfg, prepare, train_prepare = _loaders(splits, spec_cfg, cfg, device, img_train, img_val,
-                                                                         feature_cached)
+    train_loader, val_loader, aug_cfg, prepare, train_prepare, order_rng = _loaders(
+        splits, spec_cfg, cfg, device, img_train, img_val, feature_cached)
     criterion = make_criterion(len(classes), list(train_counts.values()), cfg["balance"], cfg["label_smoothing"]).to(device)
     eval_criterion = make_criterion(len(classes), list(train_counts.values()), cfg["balance"], 0.0).to(device)
     if device.type in ("cuda", "cpu"):
@@ -933,9 +937,14 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
         prefix, step_model = split
         feats = FeatureCache.build(prefix, train_loader.dataset, val_loader.dataset, cfg, device, amp,
                                    cache_key=_feature_key(cfg, arch, input_size, data_meta, aug_cfg), prepare=prepare)
-        train_loader, val_loader = feats.loaders(cfg, device)
+        train_loader, val_loader = feats.loaders(cfg, device, generator=order_rng)
         prepare = train_prepare = None  # cached outputs are already what the trained part takes
 
+    if resume_state is not None and ORDER_RNG_KEY in resume_state.extra:
+        # The loaders draw each epoch's order from one generator that advances epoch by epoch;
+        # a resumed run continues from its saved state, so it sees the orders an uninterrupted
+        # run would (per-epoch seeds cover augmentation and dropout). Older runs lack it.
+        order_rng.set_state(resume_state.extra[ORDER_RNG_KEY])
     # Only the training step is compiled: evaluation (other mode, other batch sizes) would
     # recompile, and the checkpoint saves the plain module's names.
     train_model = torch.compile(step_model) if cfg["compile"] else step_model
@@ -1006,7 +1015,8 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
             pending_last = ({k: v.detach().clone() for k, v in model.state_dict().items()},
                             {**base_meta, "threshold": threshold, "val_metrics": val_metrics, "epoch": epoch,
                              "history": list(history), "best": dict(best), "optimizer": opt_meta, **ema_meta},
-                            {**{k: v.clone() for k, v in opt_tensors.items()}, **ema_tensors})
+                            {**{k: v.clone() for k, v in opt_tensors.items()}, **ema_tensors,
+                             ORDER_RNG_KEY: order_rng.get_state()})
             if stopping or time.perf_counter() - last_saved >= LAST_EVERY_S:
                 save_checkpoint(run_dir, "last", pending_last[0], pending_last[1], extra_tensors=pending_last[2])
                 pending_last, last_saved = None, time.perf_counter()

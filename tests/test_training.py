@@ -72,6 +72,29 @@ def test_interrupted_run_resumes_at_the_next_epoch(dataset, tmp_path, monkeypatc
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
 
 
+def test_a_resumed_run_trains_what_an_uninterrupted_run_trains(dataset, tmp_path, monkeypatch):
+    import deepcovid.training as tr
+
+    cfg = resolve_config({**FAST, "epochs": 3})
+    fit({**cfg, "run_name": "straight"}, dataset, tmp_path)
+    real = tr.train_one_epoch
+    monkeypatch.setattr(tr, "train_one_epoch", ctrl_c_in_epoch(real, 2))
+    assert fit({**cfg, "run_name": "halted"}, dataset, tmp_path).interrupted
+    saved = read_checkpoint(tmp_path / "halted" / "last.safetensors")
+    assert saved.extra[tr.ORDER_RNG_KEY].dtype == torch.uint8  # the batch order's generator, after epoch 1
+    monkeypatch.setattr(tr, "train_one_epoch", real)
+    fit({"_epochs_explicit": False}, None, tmp_path, resume=tmp_path / "halted")
+
+    def losses(run):
+        return [float(r["train_loss"]) for r in csv.DictReader((tmp_path / run / "history.csv").open())]
+
+    # epochs 2 and 3 see the same batches in the same order: same losses, same final weights
+    assert losses("halted") == losses("straight") and len(losses("straight")) == 3
+    a = read_checkpoint(tmp_path / "straight" / "last.safetensors").state_dict
+    b = read_checkpoint(tmp_path / "halted" / "last.safetensors").state_dict
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_last_is_written_at_most_every_LAST_EVERY_S_and_never_lost_on_ctrl_c(dataset, tmp_path, monkeypatch):
     import deepcovid.checkpoint as ck
     import deepcovid.training as tr
