@@ -1338,7 +1338,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--weight-decay", type=float,
+                   help="weight decay (default 0; with --optimizer adamw, 0 means AdamW's usual 0.01)")
     p.add_argument("--optimizer", help=f"{', '.join(OPTIMIZERS)} (default adam)")
     p.add_argument("--schedule", help="learning-rate schedule: constant (default) or cosine (per epoch, to 0 at --epochs)")
     p.add_argument("--head-epochs", type=int, help="LP-FT: train the head alone on cached features for N epochs first "
