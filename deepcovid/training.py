@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write_text, read_checkpoint, save_checkpoint, versions
-from .errors import ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError
 from .metrics import METRIC_KEYS, best_f1_threshold, bootstrap_ci, compute_metrics, format_ci_list, format_table
 from .progress import progress
 
@@ -944,7 +944,10 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
         # The loaders draw each epoch's order from one generator that advances epoch by epoch;
         # a resumed run continues from its saved state, so it sees the orders an uninterrupted
         # run would (per-epoch seeds cover augmentation and dropout). Older runs lack it.
-        order_rng.set_state(resume_state.extra[ORDER_RNG_KEY])
+        try:
+            order_rng.set_state(resume_state.extra[ORDER_RNG_KEY])
+        except (RuntimeError, TypeError) as exc:
+            raise CheckpointError(f"{run_dir}/last.safetensors holds no valid batch-order state ({exc})") from exc
     # Only the training step is compiled: evaluation (other mode, other batch sizes) would
     # recompile, and the checkpoint saves the plain module's names.
     train_model = torch.compile(step_model) if cfg["compile"] else step_model

@@ -82,6 +82,19 @@ def test_a_resumed_run_trains_what_an_uninterrupted_run_trains(dataset, tmp_path
     assert fit({**cfg, "run_name": "halted"}, dataset, tmp_path).interrupted
     saved = read_checkpoint(tmp_path / "halted" / "last.safetensors")
     assert saved.extra[tr.ORDER_RNG_KEY].dtype == torch.uint8  # the batch order's generator, after epoch 1
+    # a resume point whose state is not a generator's is refused with a typed error, untouched
+    import shutil
+
+    from deepcovid.checkpoint import save_checkpoint
+    from deepcovid.errors import CheckpointError
+
+    shutil.copytree(tmp_path / "halted", tmp_path / "broken")
+    save_checkpoint(tmp_path / "broken", "last", saved.state_dict, saved.meta,
+                    extra_tensors={**saved.extra, tr.ORDER_RNG_KEY: torch.zeros(3, dtype=torch.uint8)})
+    before = (tmp_path / "broken" / "last.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match="batch-order state"):
+        fit({"_epochs_explicit": False}, None, tmp_path, resume=tmp_path / "broken")
+    assert (tmp_path / "broken" / "last.safetensors").read_bytes() == before
     monkeypatch.setattr(tr, "train_one_epoch", real)
     fit({"_epochs_explicit": False}, None, tmp_path, resume=tmp_path / "halted")
 
