@@ -63,9 +63,8 @@ def size_table(y: np.ndarray, probs: np.ndarray, classes, threshold: float, limi
 
 
 def main(argv=None) -> int:
-    from deepcovid.data import load_splits
     from deepcovid.errors import ConfigError, DeepCovidError
-    from deepcovid.training import predict_samples, split_seed
+    from deepcovid.training import config_splits, predict_samples, split_seed
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", action="append", required=True,
@@ -92,8 +91,7 @@ def main(argv=None) -> int:
             cfg, root = ck.meta["config"], args.data or ck.meta.get("data", {}).get("root")
             if root is None:
                 raise ConfigError(f"{ck.meta['run']} does not say where its data is: give --data ROOT")
-            splits = load_splits(Path(root), val_fraction=cfg["val_fraction"], seed=split_seed(cfg),
-                                 positive_class=cfg.get("positive_class"))
+            splits = config_splits(cfg, Path(root))
             # Validation only when it is one set of images for all: averaging the probabilities of
             # different images would not be an ensemble.
             for split, samples in (("test", splits.test), ("validation", splits.val if len(split_seeds) == 1 else [])):

@@ -65,10 +65,9 @@ def view_probabilities(ckpt, samples, views: list[tuple[float, bool]], batch_siz
 
 def main(argv=None) -> int:
     from deepcovid.checkpoint import load_checkpoint
-    from deepcovid.data import load_splits
     from deepcovid.errors import DeepCovidError
     from deepcovid.metrics import compute_metrics
-    from deepcovid.training import split_seed
+    from deepcovid.training import config_splits
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", action="append", required=True, help="a run folder or .safetensors (repeat: one per seed)")
@@ -89,8 +88,7 @@ def main(argv=None) -> int:
             ckpt = load_checkpoint(spec, ".")
             cfg, meta = ckpt.meta["config"], ckpt.meta
             root = args.data or Path(meta["data"]["root"])
-            splits = load_splits(root, val_fraction=cfg["val_fraction"], seed=split_seed(cfg),
-                                 positive_class=cfg.get("positive_class"))
+            splits = config_splits(cfg, root)
             threshold = meta["threshold"] if meta.get("threshold") is not None else 0.5
             for split, samples in (("val", splits.val), ("test", splits.test)):
                 if not samples:

@@ -283,6 +283,14 @@ def split_seed(cfg: dict) -> int:
     return int(cfg["seed"] if cfg.get("split_seed") is None else cfg["split_seed"])
 
 
+def config_splits(cfg: dict, data_root):
+    """The train/validation/test samples a run with this config saw under ``data_root``."""
+    from .data import load_splits
+
+    return load_splits(data_root, val_fraction=cfg["val_fraction"], seed=split_seed(cfg),
+                       positive_class=cfg.get("positive_class"))
+
+
 def select_device(name: str = "auto") -> torch.device:
     from .device import resolve_device
 
@@ -831,7 +839,7 @@ def fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None = None, re
 
 
 def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: Path | None, splits) -> FitResult:
-    from .data import DecodedImages, counts, load_splits
+    from .data import DecodedImages, counts
     from .models import build_model, get_spec, parse_freeze
     start_epoch, history, best, resume_state = 1, [], None, None
     if resume is not None:
@@ -857,7 +865,7 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
         torch.set_num_threads(available_threads())
 
     if splits is None:
-        splits = load_splits(data_root, val_fraction=cfg["val_fraction"], seed=split_seed(cfg), positive_class=cfg["positive_class"])
+        splits = config_splits(cfg, data_root)
     classes = splits.classes
     spec = get_spec(arch)
     dc = spec.data_config
@@ -1174,9 +1182,7 @@ def write_leaderboard(output: Path, trials: list[tuple[dict, FitResult]]) -> lis
 
 
 def run_many(cfg: dict, data_root: Path, output: Path, trials: list[dict]) -> list[tuple[dict, FitResult]]:
-    from .data import load_splits
-
-    splits = load_splits(data_root, val_fraction=cfg["val_fraction"], seed=split_seed(cfg), positive_class=cfg["positive_class"])
+    splits = config_splits(cfg, data_root)
     results = []
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     for i, overrides in enumerate(trials):
@@ -1220,11 +1226,11 @@ def fit_ensemble(cfg: dict, data_root: Path, output: Path) -> FitResult:
     lookups skip the member runs, so they resolve to the ensemble."""
     from torch.utils.data import DataLoader
 
-    from .data import DecodedImages, XRayDataset, load_splits
+    from .data import DecodedImages, XRayDataset
     from .models import EnsembleNet
     from .plots import plot_confusion, plot_roc
 
-    splits = load_splits(data_root, val_fraction=cfg["val_fraction"], seed=split_seed(cfg), positive_class=cfg["positive_class"])
+    splits = config_splits(cfg, data_root)
     run_dir = Path(output) / (cfg.get("run_name") or f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-ensemble")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run folder {run_dir} already exists; choose another --run-name")
