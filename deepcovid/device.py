@@ -48,6 +48,42 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
+_opencv_fork_hooks = False
+
+
+def opencv_single_threaded_in_forks() -> None:
+    """Processes forked from this one (data-loader workers) start with OpenCV on one thread.
+
+    Why not ``cv2.setNumThreads(1)`` in each worker: OpenCV's pthreads pool does not survive
+    fork(). In the child of a process whose pool has run (CLAHE on the decoded cache, or the
+    resize of a large X-ray, starts it), that call waits for the parent's pool threads, which do
+    not exist there, forever. Every CLAHE run on a GPU machine (loader workers on CUDA) hung
+    there, in the workers' first call. So the number is set in the parent around each fork: 1
+    just before (the pool's threads stop while none of them runs), the parent's own number
+    again just after; the child inherits the 1, so each worker decodes and augments one image
+    at a time on its core instead of oversubscribing the cores that the other workers need.
+
+    Process-wide, and registered once (``os.register_at_fork`` cannot be undone); a no-op where
+    there is no fork.
+    """
+    global _opencv_fork_hooks
+    if _opencv_fork_hooks or not hasattr(os, "register_at_fork"):
+        return
+    import cv2
+
+    saved: list[int] = []
+
+    def before() -> None:
+        saved.append(cv2.getNumThreads())
+        cv2.setNumThreads(1)
+
+    def after_in_parent() -> None:
+        cv2.setNumThreads(saved.pop())
+
+    os.register_at_fork(before=before, after_in_parent=after_in_parent)
+    _opencv_fork_hooks = True
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of returning it to the kernel.
 

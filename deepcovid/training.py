@@ -614,14 +614,6 @@ def batch_normalizer(mean, std, color_space: str):
     return functools.partial(normalize, mean=mean, std=std, color_space=color_space)
 
 
-def _worker_init(_: int) -> None:
-    # A loader process runs one image at a time: OpenCV's own thread pool (one thread per core
-    # in every worker) only oversubscribes the cores the other workers need.
-    import cv2
-
-    cv2.setNumThreads(1)
-
-
 def augment_on(cfg: dict, device: torch.device, images, feature_cached: bool = False) -> str:
     """"loader" or "device" for this run (see DEFAULTS["augment_on"]). A run that trains on
     cached features never iterates image batches: nothing is copied to the device for it."""
@@ -644,6 +636,7 @@ def _loaders(splits, spec_cfg: dict, cfg: dict, device: torch.device, images_tra
     from torch.utils.data import DataLoader, WeightedRandomSampler
 
     from .data import DeviceBatches, XRayDataset
+    from .device import opencv_single_threaded_in_forks
     from .transforms import AugmentConfig, BatchAugment, build_augment
 
     aug_cfg = AugmentConfig.off() if cfg["no_augment"] else AugmentConfig.from_dict(cfg["augment"])
@@ -653,8 +646,9 @@ def _loaders(splits, spec_cfg: dict, cfg: dict, device: torch.device, images_tra
     train_ds = XRayDataset(images_train, mean, std, cfg["color_space"], build_augment(aug_cfg, size), normalize=False)
     val_ds = XRayDataset(images_val, mean, std, cfg["color_space"], None, normalize=False)
     workers = cfg["workers"] if cfg["workers"] is not None else default_workers(device)
-    common = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                  worker_init_fn=_worker_init if workers > 0 else None)
+    if workers > 0:
+        opencv_single_threaded_in_forks()
+    common = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     g = torch.Generator().manual_seed(cfg["seed"])
     weights = None
     if cfg["balance"] == "sampler":

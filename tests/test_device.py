@@ -1,4 +1,5 @@
-"""deepcovid.device.keep_freed_memory: freed CPU memory is reused instead of faulted in again."""
+"""deepcovid.device: freed CPU memory is reused instead of faulted in again (keep_freed_memory);
+forked loader workers get one OpenCV thread without hanging (opencv_single_threaded_in_forks)."""
 
 import json
 import subprocess
@@ -49,3 +50,51 @@ def test_the_cli_keeps_freed_memory_for_batch_work_only(monkeypatch, tmp_path):
     with pytest.raises(AttributeError):  # deepcovid.errors has no run(): only the order of calls matters here
         cli.main(["serve"])
     assert calls == []
+
+
+# A child process, for a fresh OpenCV whose pool has run (a large image resized), as in a
+# training process after its decoded cache: a forked process reports its OpenCV thread count,
+# and calls cv2.setNumThreads, which waited forever in such a fork before the hooks existed.
+FORK_CHILD = """
+import json, multiprocessing as mp, sys
+import cv2, numpy as np
+from deepcovid.device import opencv_single_threaded_in_forks
+cv2.setNumThreads(4)
+cv2.resize(np.random.rand(2000, 2000).astype(np.float32), (1000, 1000))
+if sys.argv[1] == "hooks":
+    opencv_single_threaded_in_forks()
+    opencv_single_threaded_in_forks()  # once is enough: a second call adds no second pair of hooks
+
+def worker(q, set_threads):
+    n = cv2.getNumThreads()
+    if set_threads:
+        cv2.setNumThreads(1)
+    q.put(n)
+
+ctx = mp.get_context("fork")
+got = []
+for set_threads in (False, True):
+    q = ctx.Queue()
+    p = ctx.Process(target=worker, args=(q, set_threads))
+    p.start()
+    p.join(10)
+    got.append(q.get() if p.exitcode == 0 else ("hung" if p.is_alive() else p.exitcode))
+    p.kill()
+print(json.dumps({"workers": got, "parent": cv2.getNumThreads()}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "register_at_fork"), reason="no fork on this platform")
+def test_forked_workers_get_one_opencv_thread_and_the_parent_keeps_its_own():
+    out = subprocess.run([sys.executable, "-c", FORK_CHILD, "hooks"], capture_output=True, text=True, timeout=120, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"workers": [1, 1], "parent": 4}
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "register_at_fork"), reason="no fork on this platform")
+def test_without_the_hooks_a_fork_inherits_the_parents_pool():
+    # The control: what the hooks are for. A worker sees the parent's 4 threads, and one that
+    # sets its own number after the parent's pool has run never returns.
+    out = subprocess.run([sys.executable, "-c", FORK_CHILD, "none"], capture_output=True, text=True, timeout=120, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"workers": [4, "hung"], "parent": 4}

@@ -478,3 +478,37 @@ def test_mixup_run_trains_on_soft_labels_and_refuses_cached_features(dataset, tm
     with pytest.raises(ConfigError, match="--no-feature-cache"):
         fit({**frozen, "run_name": "frozen"}, dataset, tmp_path)
     assert not (tmp_path / "frozen").exists()
+
+
+# A subprocess with a time limit, so that a hang fails the test instead of the suite.
+CLAHE_WORKERS = """
+import sys
+from pathlib import Path
+import cv2, numpy as np
+from conftest import FAST_TRAIN
+from deepcovid.training import fit, resolve_config, validate_config
+root = Path(sys.argv[1])
+cv2.resize(np.random.rand(2000, 2000).astype(np.float32), (1000, 1000))  # as a large X-ray's decode does
+cfg = resolve_config({**FAST_TRAIN, "epochs": 1, "clahe": 2.0, "workers": 2, "device": "cpu"})
+validate_config(cfg)
+print("best epoch", fit(cfg, root / "data", root / "out").best_epoch)
+"""
+
+
+def test_clahe_with_loader_workers_trains_instead_of_hanging(tmp_path):
+    # Loader workers are forked after the decoded cache has run OpenCV's thread pool (CLAHE
+    # here); a worker that then set its own OpenCV thread count waited forever (every CLAHE run
+    # on a GPU machine hung so). Now the run finishes and writes its best checkpoint.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    make_image_folder(tmp_path / "data" / "train", {"NORMAL": 8, "PNEUMONIA": 8}, size=64)
+    tests = str(Path(__file__).parent)
+    out = subprocess.run([sys.executable, "-c", CLAHE_WORKERS, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, cwd=tests, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "best epoch 1" in out.stdout
+    runs = list((tmp_path / "out").glob("*/best.safetensors"))
+    assert len(runs) == 1 and read_checkpoint(runs[0]).meta["clahe"] == 2.0
