@@ -73,7 +73,7 @@ def worker(q, set_threads):
 
 ctx = mp.get_context("fork")
 got = []
-for set_threads in (False, True):
+for set_threads in (False, True) if sys.argv[1] == "hooks" else (False,):
     q = ctx.Queue()
     p = ctx.Process(target=worker, args=(q, set_threads))
     p.start()
@@ -92,9 +92,10 @@ def test_forked_workers_get_one_opencv_thread_and_the_parent_keeps_its_own():
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "register_at_fork"), reason="no fork on this platform")
-def test_without_the_hooks_a_fork_inherits_the_parents_pool():
-    # The control: what the hooks are for. A worker sees the parent's 4 threads, and one that
-    # sets its own number after the parent's pool has run never returns.
+def test_without_the_hooks_a_fork_inherits_the_parents_threads():
+    # The control, so that the 1 above means something: without the hooks a worker runs
+    # OpenCV on the parent's 4 threads. (Setting the number there instead is what hung; the
+    # CLAHE training test in test_training.py fails by its time limit without the hooks.)
     out = subprocess.run([sys.executable, "-c", FORK_CHILD, "none"], capture_output=True, text=True, timeout=120, check=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got == {"workers": [4, "hung"], "parent": 4}
+    assert got == {"workers": [4], "parent": 4}
