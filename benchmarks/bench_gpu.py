@@ -76,14 +76,30 @@ def _loader(images, dc, batch: int, workers: int, augment: bool, device, uint8: 
     from torch.utils.data import DataLoader
 
     from deepcovid.data import XRayDataset
-    from deepcovid.training import _worker_init
     from deepcovid.transforms import AugmentConfig, build_augment
 
     aug = build_augment(AugmentConfig(), images.size) if augment else None
     ds = XRayDataset(images, dc.mean, dc.std, "rgb", aug, normalize=not uint8)
-    return DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      worker_init_fn=_worker_init if uint8 and workers > 0 else None)
+    loader = DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    return _OneThreadForks(loader) if uint8 else loader
+
+
+class _OneThreadForks:
+    """A loader whose workers are forked with OpenCV on one thread, as ``deepcovid train``'s are
+    (deepcovid.device.opencv_single_threaded_forks): the workers start in ``iter``."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        from deepcovid.device import opencv_single_threaded_forks
+
+        with opencv_single_threaded_forks():
+            return iter(self.loader)
 
 
 def _loader_only(loader, device, epochs: int) -> float:

@@ -4,6 +4,7 @@ inference."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
@@ -48,11 +49,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
-_opencv_fork_hooks = False
+_opencv_forks = {"registered": False, "active": 0}
 
 
-def opencv_single_threaded_in_forks() -> None:
-    """Processes forked from this one (data-loader workers) start with OpenCV on one thread.
+@contextlib.contextmanager
+def opencv_single_threaded_forks():
+    """While inside, processes forked from this one (data-loader workers) start with OpenCV on
+    one thread; the parent keeps its own number.
 
     Why not ``cv2.setNumThreads(1)`` in each worker: OpenCV's pthreads pool does not survive
     fork(). In the child of a process whose pool has run (CLAHE on the decoded cache, or the
@@ -63,25 +66,30 @@ def opencv_single_threaded_in_forks() -> None:
     again just after; the child inherits the 1, so each worker decodes and augments one image
     at a time on its core instead of oversubscribing the cores that the other workers need.
 
-    Process-wide, and registered once (``os.register_at_fork`` cannot be undone); a no-op where
-    there is no fork.
+    ``os.register_at_fork`` cannot be undone, so the hooks are registered once and do nothing
+    outside this context; nested uses are fine. A no-op where there is no fork.
     """
-    global _opencv_fork_hooks
-    if _opencv_fork_hooks or not hasattr(os, "register_at_fork"):
-        return
-    import cv2
+    if hasattr(os, "register_at_fork") and not _opencv_forks["registered"]:
+        import cv2
 
-    saved: list[int] = []
+        saved: list[int] = []
 
-    def before() -> None:
-        saved.append(cv2.getNumThreads())
-        cv2.setNumThreads(1)
+        def before() -> None:
+            if _opencv_forks["active"]:
+                saved.append(cv2.getNumThreads())
+                cv2.setNumThreads(1)
 
-    def after_in_parent() -> None:
-        cv2.setNumThreads(saved.pop())
+        def after_in_parent() -> None:
+            if saved:
+                cv2.setNumThreads(saved.pop())
 
-    os.register_at_fork(before=before, after_in_parent=after_in_parent)
-    _opencv_fork_hooks = True
+        os.register_at_fork(before=before, after_in_parent=after_in_parent)
+        _opencv_forks["registered"] = True
+    _opencv_forks["active"] += 1
+    try:
+        yield
+    finally:
+        _opencv_forks["active"] -= 1
 
 
 def keep_freed_memory() -> bool:

@@ -636,7 +636,6 @@ def _loaders(splits, spec_cfg: dict, cfg: dict, device: torch.device, images_tra
     from torch.utils.data import DataLoader, WeightedRandomSampler
 
     from .data import DeviceBatches, XRayDataset
-    from .device import opencv_single_threaded_in_forks
     from .transforms import AugmentConfig, BatchAugment, build_augment
 
     aug_cfg = AugmentConfig.off() if cfg["no_augment"] else AugmentConfig.from_dict(cfg["augment"])
@@ -646,8 +645,6 @@ def _loaders(splits, spec_cfg: dict, cfg: dict, device: torch.device, images_tra
     train_ds = XRayDataset(images_train, mean, std, cfg["color_space"], build_augment(aug_cfg, size), normalize=False)
     val_ds = XRayDataset(images_val, mean, std, cfg["color_space"], None, normalize=False)
     workers = cfg["workers"] if cfg["workers"] is not None else default_workers(device)
-    if workers > 0:
-        opencv_single_threaded_in_forks()
     common = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     g = torch.Generator().manual_seed(cfg["seed"])
     weights = None
@@ -826,8 +823,11 @@ def _run_name(cfg: dict, arch: str) -> str:
 def fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None = None, resume: Path | None = None,
         splits=None) -> FitResult:
     """Train one backbone; write the run folder; return the best validation metrics."""
+    from .device import opencv_single_threaded_forks
+
     try:
-        return _fit(cfg, data_root, output, arch=arch, resume=resume, splits=splits)
+        with opencv_single_threaded_forks():  # its loader workers (README, --workers)
+            return _fit(cfg, data_root, output, arch=arch, resume=resume, splits=splits)
     finally:
         _detach_log_file()  # the run's train.log must not outlive the run (or its folder)
 

@@ -1,5 +1,5 @@
 """deepcovid.device: freed CPU memory is reused instead of faulted in again (keep_freed_memory);
-forked loader workers get one OpenCV thread without hanging (opencv_single_threaded_in_forks)."""
+forked loader workers get one OpenCV thread without hanging (opencv_single_threaded_forks)."""
 
 import json
 import subprocess
@@ -58,12 +58,9 @@ def test_the_cli_keeps_freed_memory_for_batch_work_only(monkeypatch, tmp_path):
 FORK_CHILD = """
 import json, multiprocessing as mp, sys
 import cv2, numpy as np
-from deepcovid.device import opencv_single_threaded_in_forks
+from deepcovid.device import opencv_single_threaded_forks
 cv2.setNumThreads(4)
 cv2.resize(np.random.rand(2000, 2000).astype(np.float32), (1000, 1000))
-if sys.argv[1] == "hooks":
-    opencv_single_threaded_in_forks()
-    opencv_single_threaded_in_forks()  # once is enough: a second call adds no second pair of hooks
 
 def worker(q, set_threads):
     n = cv2.getNumThreads()
@@ -71,15 +68,24 @@ def worker(q, set_threads):
         cv2.setNumThreads(1)
     q.put(n)
 
-ctx = mp.get_context("fork")
-got = []
-for set_threads in (False, True) if sys.argv[1] == "hooks" else (False,):
+def fork(set_threads):
     q = ctx.Queue()
     p = ctx.Process(target=worker, args=(q, set_threads))
     p.start()
     p.join(10)
-    got.append(q.get() if p.exitcode == 0 else ("hung" if p.is_alive() else p.exitcode))
+    got = q.get() if p.exitcode == 0 else ("hung" if p.is_alive() else p.exitcode)
     p.kill()
+    return got
+
+ctx = mp.get_context("fork")
+if sys.argv[1] == "hooks":
+    with opencv_single_threaded_forks():
+        with opencv_single_threaded_forks():  # nested: one pair of hooks, still active inside
+            got = [fork(False)]
+        got += [fork(True)]
+    got += [fork(False)]  # outside: the hooks are registered but do nothing
+else:
+    got = [fork(False)]
 print(json.dumps({"workers": got, "parent": cv2.getNumThreads()}))
 """
 
@@ -88,7 +94,7 @@ print(json.dumps({"workers": got, "parent": cv2.getNumThreads()}))
 def test_forked_workers_get_one_opencv_thread_and_the_parent_keeps_its_own():
     out = subprocess.run([sys.executable, "-c", FORK_CHILD, "hooks"], capture_output=True, text=True, timeout=120, check=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got == {"workers": [1, 1], "parent": 4}
+    assert got == {"workers": [1, 1, 4], "parent": 4}
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "register_at_fork"), reason="no fork on this platform")

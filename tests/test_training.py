@@ -480,25 +480,39 @@ def test_mixup_run_trains_on_soft_labels_and_refuses_cached_features(dataset, tm
     assert not (tmp_path / "frozen").exists()
 
 
-# A subprocess with a time limit, so that a hang fails the test instead of the suite.
+# A subprocess with a time limit, so that a hang fails the test instead of the suite. Each
+# image a loader worker serves records that process's OpenCV thread count in a file.
 CLAHE_WORKERS = """
-import sys
+import json, os, sys
 from pathlib import Path
 import cv2, numpy as np
 from conftest import FAST_TRAIN
+from deepcovid.data import XRayDataset
 from deepcovid.training import fit, resolve_config, validate_config
 root = Path(sys.argv[1])
+cv2.setNumThreads(4)
 cv2.resize(np.random.rand(2000, 2000).astype(np.float32), (1000, 1000))  # as a large X-ray's decode does
+getitem = XRayDataset.__getitem__
+
+def recording(self, i):
+    with open(root / f"threads-{os.getpid()}", "a") as f:
+        f.write(f"{cv2.getNumThreads()}\\n")
+    return getitem(self, i)
+
+XRayDataset.__getitem__ = recording
 cfg = resolve_config({**FAST_TRAIN, "epochs": 1, "clahe": 2.0, "workers": 2, "device": "cpu"})
 validate_config(cfg)
-print("best epoch", fit(cfg, root / "data", root / "out").best_epoch)
+best = fit(cfg, root / "data", root / "out").best_epoch
+workers = {int(f.name.split("-")[1]): sorted(set(f.read_text().split())) for f in root.glob("threads-*")}
+print(json.dumps({"best": best, "parent": os.getpid(), "workers": workers, "parent_threads": cv2.getNumThreads()}))
 """
 
 
-def test_clahe_with_loader_workers_trains_instead_of_hanging(tmp_path):
+def test_clahe_with_loader_workers_trains_and_each_worker_has_one_opencv_thread(tmp_path):
     # Loader workers are forked after the decoded cache has run OpenCV's thread pool (CLAHE
-    # here); a worker that then set its own OpenCV thread count waited forever (every CLAHE run
-    # on a GPU machine hung so). Now the run finishes and writes its best checkpoint.
+    # here). A worker that then set its own OpenCV thread count waited forever: every CLAHE
+    # run on a GPU machine hung so. Now the run finishes, every image is served by a worker
+    # with one OpenCV thread, and the training process keeps its own four.
     import os
     import subprocess
     import sys
@@ -509,6 +523,9 @@ def test_clahe_with_loader_workers_trains_instead_of_hanging(tmp_path):
     out = subprocess.run([sys.executable, "-c", CLAHE_WORKERS, str(tmp_path)], capture_output=True, text=True,
                          timeout=120, cwd=tests, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "best epoch 1" in out.stdout
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["best"] == 1 and got["parent_threads"] == 4
+    assert len(got["workers"]) == 2 and str(got["parent"]) not in got["workers"]  # served by the two workers only
+    assert all(counts == ["1"] for counts in got["workers"].values()), got["workers"]
     runs = list((tmp_path / "out").glob("*/best.safetensors"))
     assert len(runs) == 1 and read_checkpoint(runs[0]).meta["clahe"] == 2.0
