@@ -1,6 +1,6 @@
 """Where models run: the device ('auto' = CUDA, then MPS, then CPU), how many CPU threads
-this process may use, and how its CPU memory allocator reuses memory. Shared by training and
-inference."""
+this process may use (and OpenCV's, in the loader processes it forks), and how its CPU memory
+allocator reuses memory. Shared by training and inference."""
 
 from __future__ import annotations
 
