@@ -24,8 +24,8 @@ print(json.dumps({"applied": applied, "faults": resource.getrusage(resource.RUSA
 """
 
 
-def _child(mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, timeout=120, check=True)
+def _child(mode: str, code: str = CHILD) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -92,16 +92,13 @@ print(json.dumps({"workers": got, "parent": cv2.getNumThreads()}))
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "register_at_fork"), reason="no fork on this platform")
 def test_forked_workers_get_one_opencv_thread_and_the_parent_keeps_its_own():
-    out = subprocess.run([sys.executable, "-c", FORK_CHILD, "hooks"], capture_output=True, text=True, timeout=120, check=True)
-    got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got == {"workers": [1, 1, 4], "parent": 4}
+    assert _child("hooks", FORK_CHILD) == {"workers": [1, 1, 4], "parent": 4}
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "register_at_fork"), reason="no fork on this platform")
 def test_without_the_hooks_a_fork_inherits_the_parents_threads():
     # The control, so that the 1 above means something: without the hooks a worker runs
-    # OpenCV on the parent's 4 threads. (Setting the number there instead is what hung; the
-    # CLAHE training test in test_training.py fails by its time limit without the hooks.)
-    out = subprocess.run([sys.executable, "-c", FORK_CHILD, "none"], capture_output=True, text=True, timeout=120, check=True)
-    got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got == {"workers": [4], "parent": 4}
+    # OpenCV on the parent's 4 threads. (Setting the number there instead is what hung: the
+    # CLAHE training test in test_training.py fails by its time limit with that, and on its
+    # workers' thread counts without the hooks.)
+    assert _child("none", FORK_CHILD) == {"workers": [4], "parent": 4}

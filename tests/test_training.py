@@ -486,7 +486,6 @@ CLAHE_WORKERS = """
 import json, os, sys
 from pathlib import Path
 import cv2, numpy as np
-from conftest import FAST_TRAIN
 from deepcovid.data import XRayDataset
 from deepcovid.training import fit, resolve_config, validate_config
 root = Path(sys.argv[1])
@@ -500,7 +499,7 @@ def recording(self, i):
     return getitem(self, i)
 
 XRayDataset.__getitem__ = recording
-cfg = resolve_config({**FAST_TRAIN, "epochs": 1, "clahe": 2.0, "workers": 2, "device": "cpu"})
+cfg = resolve_config(json.loads(sys.argv[2]))
 validate_config(cfg)
 best = fit(cfg, root / "data", root / "out").best_epoch
 workers = {int(f.name.split("-")[1]): sorted(set(f.read_text().split())) for f in root.glob("threads-*")}
@@ -513,15 +512,13 @@ def test_clahe_with_loader_workers_trains_and_each_worker_has_one_opencv_thread(
     # here). A worker that then set its own OpenCV thread count waited forever: every CLAHE
     # run on a GPU machine hung so. Now the run finishes, every image is served by a worker
     # with one OpenCV thread, and the training process keeps its own four.
-    import os
     import subprocess
     import sys
-    from pathlib import Path
 
     make_image_folder(tmp_path / "data" / "train", {"NORMAL": 8, "PNEUMONIA": 8}, size=64)
-    tests = str(Path(__file__).parent)
-    out = subprocess.run([sys.executable, "-c", CLAHE_WORKERS, str(tmp_path)], capture_output=True, text=True,
-                         timeout=120, cwd=tests, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))})
+    cfg = {**FAST, "epochs": 1, "clahe": 2.0, "workers": 2, "device": "cpu"}
+    out = subprocess.run([sys.executable, "-c", CLAHE_WORKERS, str(tmp_path), json.dumps(cfg)], capture_output=True,
+                         text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["best"] == 1 and got["parent_threads"] == 4
