@@ -69,3 +69,68 @@ def test_bad_input_is_refused(size, tmp_path, tiny_checkpoint, capsys):
     assert "at least two models" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         size.main(["--checkpoint", str(tiny_checkpoint), "--threshold", "1.5"])
+
+
+def test_error_agreement_counts_images_by_how_many_models_err(size):
+    y = np.array([0, 0, 0, 0, 1, 1])
+    # columns: images; rows: 4 models. Normal 0 wrong on all, normal 1 on 3 of 4, normal 2 on 2
+    # of 4 (half: not more than half), normal 3 on none; positive 4 wrong on 1, positive 5 on none
+    # (0.5 counts as positive, as in deepcovid.metrics).
+    probs = np.array([[0.9, 0.6, 0.7, 0.1, 0.2, 0.5],
+                      [0.8, 0.5, 0.6, 0.2, 0.9, 0.9],
+                      [0.7, 0.7, 0.3, 0.3, 0.8, 0.8],
+                      [0.6, 0.4, 0.2, 0.4, 0.7, 0.7]])
+    neg, pos = size.error_agreement(y, probs, 0.5)
+    assert neg == {"class": 0, "images": 4, "all": 1, "at_least_90": 1, "more_than_half": 2, "some": 1, "none": 1}
+    assert pos == {"class": 1, "images": 2, "all": 0, "at_least_90": 0, "more_than_half": 0, "some": 1, "none": 1}
+    # a higher threshold turns positive 5's 0.5 into an error on one model
+    assert size.error_agreement(y, probs, 0.6)[1]["some"] == 2
+
+
+def _fake_sweep(path, runs, val_y=(0, 1, 1), test_y=(0, 0, 1, 1)):
+    arrays = {}
+    for (variant, seed), (pv, pt) in runs.items():
+        arrays[f"{variant}/{seed}/val/y"], arrays[f"{variant}/{seed}/val/p"] = np.array(val_y), np.array(pv)
+        arrays[f"{variant}/{seed}/test/y"], arrays[f"{variant}/{seed}/test/p"] = np.array(test_y), np.array(pt)
+    path.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path / "probs.npz", **arrays)
+    return path
+
+
+def test_sweep_models_are_read_from_probs_npz(size, tmp_path, capsys):
+    runs = {("a", 0): ([0.2, 0.7, 0.9], [0.6, 0.1, 0.8, 0.9]),
+            ("a", 1): ([0.1, 0.8, 0.4], [0.7, 0.2, 0.9, 0.3]),
+            ("b", 0): ([0.3, 0.9, 0.8], [0.9, 0.3, 0.6, 0.7])}
+    first = _fake_sweep(tmp_path / "s1", {k: v for k, v in runs.items() if k[0] == "a"})
+    second = _fake_sweep(tmp_path / "s2", {("b", 0): runs[("b", 0)], ("c", 0): ([0.9] * 3, [0.9] * 4)})
+    assert size.main(["--sweep", str(first), "--sweep", str(second / "probs.npz"),
+                      "--variant", "a", "--variant", "b"]) == 0
+    out = capsys.readouterr().out
+    assert "3 models, threshold 0.5" in out
+    # all three together: the mean probability of the three runs (variant c left out)
+    whole = compute_metrics(np.array([0, 0, 1, 1]), np.mean([v[1] for v in runs.values()], 0), ["n", "p"], 0.5)
+    row = re.search(r"^\| test \| 3 \| 1 \| ([\d.]+) ±", out, flags=re.M)
+    assert float(row.group(1)) == pytest.approx(100 * whole["accuracy"], abs=0.006)
+    # test/ normal 0 is wrong on all three models, normal 1 on none; positive 3 on one of three
+    assert "| test | negative | 2 | 1 | 1 | 1 | 0 | 1 |" in out
+    assert "| test | positive | 2 | 0 | 0 | 0 | 1 | 1 |" in out
+    assert "| validation | positive | 2 | 0 | 0 | 0 | 1 | 1 |" in out
+
+
+def test_bad_sweeps_are_refused(size, tmp_path, tiny_checkpoint, capsys):
+    good = _fake_sweep(tmp_path / "good", {("a", 0): ([0.2, 0.7, 0.9], [0.6, 0.1, 0.8, 0.9]),
+                                           ("a", 1): ([0.1, 0.8, 0.4], [0.7, 0.2, 0.9, 0.3])})
+    other = _fake_sweep(tmp_path / "other", {("a", 2): ([0.2, 0.7, 0.9], [0.6, 0.1, 0.8, 0.9])}, test_y=(0, 1, 1, 1))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file")
+    assert size.main(["--sweep", str(good), "--sweep", str(other)]) == 2
+    assert "other test images" in capsys.readouterr().err
+    assert size.main(["--sweep", str(tmp_path / "junk.npz")]) == 2
+    assert "is not a sweep_recipes.py probs.npz" in capsys.readouterr().err
+    assert size.main(["--sweep", str(tmp_path / "missing")]) == 2
+    assert size.main(["--sweep", str(good), "--variant", "zzz"]) == 2
+    assert "no runs of variant(s) zzz" in capsys.readouterr().err
+    assert size.main(["--sweep", str(good), "--variant", "a", "--max-subsets", "5"]) == 0
+    for argv in (["--sweep", str(good), "--checkpoint", str(tiny_checkpoint)], [],
+                 ["--checkpoint", str(tiny_checkpoint), "--variant", "a"]):
+        with pytest.raises(SystemExit):
+            size.main(argv)
