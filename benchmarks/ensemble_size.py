@@ -90,10 +90,14 @@ def sweep_scores(specs, variants) -> tuple[int, dict[str, tuple[np.ndarray, list
 
     scored: dict[str, tuple[np.ndarray, list[np.ndarray]]] = {}
     models: set[str] = set()
+    seen: set[Path] = set()
     for spec in specs:
         npz = Path(spec) / "probs.npz" if Path(spec).is_dir() else Path(spec)
         if not npz.is_file():
             raise ConfigError(f"no {npz}: give a sweep_recipes.py --out folder or its probs.npz")
+        if npz.resolve() in seen:  # a sweep named twice (its folder and its file) is one set of models
+            continue
+        seen.add(npz.resolve())
         try:
             with np.load(npz) as z:  # allow_pickle stays False: an .npz here holds only arrays
                 runs = {k: (z[k[:-1] + "y"], z[k]) for k in z.files

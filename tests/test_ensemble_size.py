@@ -130,6 +130,12 @@ def test_bad_sweeps_are_refused(size, tmp_path, tiny_checkpoint, capsys):
     assert size.main(["--sweep", str(good), "--variant", "zzz"]) == 2
     assert "no runs of variant(s) zzz" in capsys.readouterr().err
     assert size.main(["--sweep", str(good), "--variant", "a", "--max-subsets", "5"]) == 0
+    capsys.readouterr()
+    # one sweep named twice, as its folder and as its file: its two models once each
+    assert size.main(["--sweep", str(good), "--sweep", str(good / "probs.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "2 models, threshold 0.5" in out
+    assert re.findall(r"^\| test \| (\d) \| (\d) \|", out, flags=re.M) == [("1", "2"), ("2", "1")]
     for argv in (["--sweep", str(good), "--checkpoint", str(tiny_checkpoint)], [],
                  ["--checkpoint", str(tiny_checkpoint), "--variant", "a"]):
         with pytest.raises(SystemExit):
