@@ -89,7 +89,6 @@ def sweep_scores(specs, variants) -> tuple[int, dict[str, tuple[np.ndarray, list
     from deepcovid.errors import ConfigError
 
     scored: dict[str, tuple[np.ndarray, list[np.ndarray]]] = {}
-    models: set[str] = set()
     seen: set[Path] = set()
     for spec in specs:
         npz = Path(spec) / "probs.npz" if Path(spec).is_dir() else Path(spec)
@@ -105,7 +104,7 @@ def sweep_scores(specs, variants) -> tuple[int, dict[str, tuple[np.ndarray, list
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             raise ConfigError(f"{npz} is not a sweep_recipes.py probs.npz ({exc})") from exc
         for key, (y, prob) in sorted(runs.items()):
-            name, seed, part, _ = key.split("/")
+            part = key.split("/")[-2]
             if prob.ndim != 1:
                 raise ConfigError(f"{npz}: {key} is not a two-class probability")
             split = "validation" if part == "val" else part
@@ -113,10 +112,9 @@ def sweep_scores(specs, variants) -> tuple[int, dict[str, tuple[np.ndarray, list
             if not np.array_equal(ys, y):
                 raise ConfigError(f"{npz}: {key} is scored on other {split} images than the models before it")
             ps.append(prob.astype(np.float64))
-            models.add(f"{npz}:{name}/{seed}")
-    if variants and not models:
+    if variants and not scored:
         raise ConfigError(f"no runs of variant(s) {', '.join(variants)} in {', '.join(map(str, specs))}")
-    return len(models), scored
+    return max((len(ps) for _, ps in scored.values()), default=0), scored
 
 
 def main(argv=None) -> int:
