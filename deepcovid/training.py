@@ -85,6 +85,10 @@ DEFAULTS: dict = {
     # place of the raw weights. 0: off. Not in cpu-fast: on its one-epoch members it raised
     # validation F1 and lowered test/ AUC and specificity (README, "What was measured on the way").
     "ema": 0.0,
+    # Stochastic depth (Huang et al., ECCV 2016; timm's drop_path_rate): in training, each
+    # residual block's branch is skipped for a random share of the batch's images, at a rate that
+    # grows linearly to this value at the last block. 0: off. Lite0's ImageNet training used 0.2.
+    "drop_path": 0.0,
     # BatchNorm statistics while fine-tuning: "update" (PyTorch's train mode: each batch is
     # normalised by its own statistics and the running ones drift to the training images') or
     # "frozen" (every BatchNorm layer normalises with the pretrained running statistics, which are
@@ -186,7 +190,7 @@ def resolve_config(explicit: dict, preset: str | None = None) -> dict:
 
 
 def validate_config(cfg: dict) -> None:
-    from .models import check_tta, get_spec, list_archs, parse_freeze
+    from .models import check_drop_path, check_tta, get_spec, list_archs, parse_freeze
     from .transforms import COLOR_SPACES, AugmentConfig, check_clahe
 
     for a in str(cfg["arch"]).split(","):
@@ -220,6 +224,8 @@ def validate_config(cfg: dict) -> None:
         raise ConfigError(f"--mixup must be a non-negative number (Beta alpha; 0: off), got {cfg['mixup']!r}")
     if not (isinstance(cfg["ema"], (int, float)) and 0 <= cfg["ema"] < 1):
         raise ConfigError(f"--ema must be a decay in [0, 1) (0: off), got {cfg['ema']!r}")
+    for a in str(cfg["arch"]).split(","):
+        check_drop_path(a.strip(), cfg.get("drop_path", 0.0))
     if cfg.get("bn_stats", "update") not in BN_STATS:
         raise ConfigError(f"unknown --bn-stats {cfg['bn_stats']!r}; choose from: {', '.join(BN_STATS)}")
     cfg["tta"] = check_tta(cfg["tta"])  # "HFLIP" -> "hflip": the model compares it as written
@@ -867,7 +873,8 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
     spec_cfg = {"input_size": input_size, "mean": list(dc.mean), "std": list(dc.std)}
 
     # Build the model before decoding data: a failed weights download should fail fast.
-    model = build_model(arch, len(classes), weights="none" if resume_state else cfg["weights"], freeze=cfg["freeze"])
+    model = build_model(arch, len(classes), weights="none" if resume_state else cfg["weights"], freeze=cfg["freeze"],
+                        drop_path=cfg.get("drop_path", 0.0))
     if resume_state is not None:
         model.load_state_dict(resume_state.state_dict)
     feature_cached = bool(cfg["feature_cache"]) and model.split_frozen(cfg["freeze"]) is not None
@@ -1358,7 +1365,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-augment", action="store_true", default=None, help="switch off all training augmentation")
     p.add_argument("--augment", action="append", metavar="NAME=VALUE",
                    help="override one Table 1 augmentation, e.g. --augment vflip=0 --augment rotation=10 "
-                        "(rotation, hflip, vflip, shift, zoom, blur, blur_p, brightness, contrast, saturation, hue); 0 switches it off")
+                        "(rotation, hflip, vflip, shift, zoom, blur, blur_p, brightness, contrast, saturation, hue, erase); 0 switches it off")
     p.add_argument("--balance", help="class imbalance: weighted-loss (default), sampler, none")
     p.add_argument("--threshold", help="decision threshold of a two-class model: val-f1 (default: the F1-optimal "
                                        "threshold on the validation split) or a fixed probability, e.g. 0.5")
@@ -1369,6 +1376,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema", type=float, metavar="DECAY",
                    help="validate, checkpoint and serve an exponential moving average of the weights (timm's "
                         "ModelEmaV3 with warmup) at this decay, e.g. 0.998; 0: off (default)")
+    p.add_argument("--drop-path", type=float, metavar="RATE",
+                   help="stochastic depth while training (timm's drop_path_rate: the last block's rate, 0 at the "
+                        "first); efficientnet_lite0/1/2 only; 0: off (default)")
     p.add_argument("--bn-stats", help="BatchNorm statistics while training: update (default: each batch's, with the "
                                       "running ones following the training images) or frozen (the pretrained running "
                                       "statistics, kept as they are; scale and shift still train)")

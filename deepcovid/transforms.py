@@ -37,6 +37,10 @@ class AugmentConfig:
     contrast: float = 0.2
     saturation: float = 0.2
     hue: float = 0.02
+    # Random erasing (Zhong et al., AAAI 2020; timm's --reprob): with this probability one random
+    # rectangle, 2-33 % of the image with aspect 0.3-3.3, becomes black, as the affine's fill.
+    # Not in the paper; off by default.
+    erase: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "AugmentConfig":
@@ -266,6 +270,10 @@ class GrayPlaneCompose(v2.Compose):
         return super().forward(*inputs)
 
 
+ERASE_SCALE = (0.02, 0.33)  # share of the image a random erasing covers (torchvision's defaults)
+ERASE_RATIO = (0.3, 3.3)    # its aspect ratio, drawn log-uniformly
+
+
 def build_augment(cfg: AugmentConfig, input_size: int) -> v2.Transform:
     """The paper's Table 1 augmentations on uint8 (3, S, S) tensors; returns uint8."""
     ops: list = []
@@ -281,6 +289,8 @@ def build_augment(cfg: AugmentConfig, input_size: int) -> v2.Transform:
         ops.append(RandomGaussianBlur(cfg.blur, cfg.blur_p))
     if any(getattr(cfg, n) > 0 for n in ("brightness", "contrast", "saturation", "hue")):
         ops.append(GrayAwareColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue))
+    if cfg.erase > 0:
+        ops.append(v2.RandomErasing(p=cfg.erase, scale=ERASE_SCALE, ratio=ERASE_RATIO, value=0))
     return GrayPlaneCompose(ops) if ops else v2.Identity()  # Compose refuses an empty list
 
 
@@ -376,7 +386,28 @@ class BatchAugment:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"BatchAugment takes (B, 3, S, S) batches, got {tuple(x.shape)}")
         # [0, 1] float: what ``normalize`` takes (it divides only uint8 by 255)
-        return self._jitter(self._blur(self._geometry(x.float()))).div_(255.0)
+        return self._erase(self._jitter(self._blur(self._geometry(x.float())))).div_(255.0)
+
+    def _erase(self, x: torch.Tensor) -> torch.Tensor:
+        # ``v2.RandomErasing``'s draw, per image: area and log-aspect uniform, the rectangle
+        # uniform where it fits. torchvision redraws up to ten times when it does not fit; here
+        # its sides are clipped to the image instead, which a redraw would rarely need at these
+        # scales (a side longer than the image needs an aspect beyond 3 and a large area).
+        c, (b, _, h, w), dev = self.cfg, x.shape, x.device
+        if not c.erase > 0:
+            return x
+        on = torch.rand(b, device=dev) < c.erase
+        area = self._uniform(b, *ERASE_SCALE, dev) * (h * w)
+        ratio = torch.exp(self._uniform(b, math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1]), dev))
+        eh = torch.sqrt(area * ratio).round().clamp_(1, h)
+        ew = torch.sqrt(area / ratio).round().clamp_(1, w)
+        top = (torch.rand(b, device=dev) * (h - eh + 1)).floor()
+        left = (torch.rand(b, device=dev) * (w - ew + 1)).floor()
+        rows = torch.arange(h, device=dev).view(1, h, 1)
+        cols = torch.arange(w, device=dev).view(1, 1, w)
+        box = ((rows >= top.view(b, 1, 1)) & (rows < (top + eh).view(b, 1, 1))
+               & (cols >= left.view(b, 1, 1)) & (cols < (left + ew).view(b, 1, 1)) & on.view(b, 1, 1))
+        return x.masked_fill(box.unsqueeze(1), 0.0)
 
     def __repr__(self) -> str:
         return f"BatchAugment({self.cfg})"

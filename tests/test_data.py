@@ -110,7 +110,7 @@ def test_disk_cache_is_reused_and_invalidated_by_edits(tmp_path):
 AUG_ONE_AT_A_TIME = {
     "rotation": {"rotation": 20.0}, "hflip": {"hflip": 1.0}, "vflip": {"vflip": 1.0}, "shift": {"shift": 12},
     "blur": {"blur": 2.0, "blur_p": 1.0}, "brightness": {"brightness": 0.5}, "contrast": {"contrast": 0.5},
-    "saturation": {"saturation": 0.9}, "hue": {"hue": 0.3}, "zoom": {"zoom": 0.3},
+    "saturation": {"saturation": 0.9}, "hue": {"hue": 0.3}, "zoom": {"zoom": 0.3}, "erase": {"erase": 1.0},
 }
 
 
@@ -390,6 +390,45 @@ def test_batch_augment_matches_the_per_image_definitions():
     tv = lambda t: (t[..., 1:] - t[..., :-1]).abs().mean((1, 2, 3))  # noqa: E731
     assert (tv(smooth) < 0.8 * tv(x.float())).all()
     assert torch.equal(BatchAugment(AugmentConfig(**{**off.to_dict(), "blur": 2.0, "blur_p": 0.0}), 32)(x) * 255, x.float())
+
+
+def _erased_box(img: torch.Tensor) -> tuple[int, int, float]:
+    """(height, width, share of the image) of the black part of a once-uniform grey image; it
+    must be one filled rectangle, the same on every plane."""
+    black = img == 0
+    assert torch.equal(black[0], black[1]) and torch.equal(black[1], black[2])
+    rows, cols = torch.nonzero(black[0].any(1)).flatten(), torch.nonzero(black[0].any(0)).flatten()
+    if len(rows) == 0:
+        return 0, 0, 0.0
+    h, w = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+    assert int(black[0].sum()) == h * w  # a filled rectangle
+    return h, w, h * w / black[0].numel()
+
+
+@pytest.mark.parametrize("path", ["loader", "device"])
+def test_random_erasing_blacks_out_one_rectangle_of_2_to_33_percent(path):
+    from deepcovid.transforms import BatchAugment
+
+    off = AugmentConfig.off().to_dict()
+    x = torch.full((200, 3, 32, 32), 200, dtype=torch.uint8)
+
+    def run(p):
+        cfg = AugmentConfig(**{**off, "erase": p})
+        if path == "loader":
+            aug = build_augment(cfg, 32)
+            return torch.stack([aug(img) for img in x])
+        return (BatchAugment(cfg, 32)(x) * 255).round().to(torch.uint8)
+
+    torch.manual_seed(0)
+    boxes = [_erased_box(img) for img in run(1.0)]
+    shares = [s for _, _, s in boxes]
+    # every image erased, within torchvision's area range (sides round to whole pixels)
+    assert min(shares) >= 0.015 and max(shares) <= 0.37
+    assert len({(h, w) for h, w, _ in boxes}) > 50  # drawn per image
+    assert torch.equal(run(0.0), x)
+    torch.manual_seed(1)
+    erased = sum(_erased_box(img)[2] > 0 for img in run(0.5))
+    assert 70 <= erased <= 130  # p = 0.5 of 200
 
 
 @pytest.mark.parametrize("color_space", ["rgb", "hsv"])
