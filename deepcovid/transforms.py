@@ -49,6 +49,9 @@ class AugmentConfig:
         unknown = set(d) - names
         if unknown:
             raise ConfigError(f"unknown augmentation(s) {sorted(unknown)}; known: {sorted(names)}")
+        # checked here, not by torchvision's ValueError once training has started
+        if "erase" in d and not 0 <= d["erase"] <= 1:
+            raise ConfigError(f"augmentation erase is a probability in [0, 1], got {d['erase']!r}")
         return cls(**d)
 
     @classmethod

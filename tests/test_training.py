@@ -200,6 +200,8 @@ def test_grid_picks_the_better_trial(dataset, tmp_path):
     (["--clahe", "nan"], "CLAHE clip limit"),
     (["--mixup", "-1"], "--mixup must be"),
     (["--mixup", "nan"], "--mixup must be"),
+    (["--augment", "erase=2"], "erase is a probability in [0, 1]"),
+    (["--augment", "erase=nan"], "erase is a probability in [0, 1]"),
 ])
 def test_bad_flags_give_clear_errors(dataset, tmp_path, capsys, argv, message):
     rc = main(["train", "--data", str(dataset), "--output", str(tmp_path), *argv])
