@@ -196,6 +196,7 @@ def validate_config(cfg: dict) -> None:
     for a in str(cfg["arch"]).split(","):
         if a.strip() not in list_archs():
             raise ConfigError(f"unknown arch {a.strip()!r}; choose from: {', '.join(list_archs())}")
+        check_drop_path(a.strip(), cfg.get("drop_path", 0.0))
     if cfg["optimizer"] not in OPTIMIZERS:
         raise ConfigError(f"unknown --optimizer {cfg['optimizer']!r}; choose from: {', '.join(OPTIMIZERS)}")
     if cfg["schedule"] not in SCHEDULES:
@@ -224,8 +225,6 @@ def validate_config(cfg: dict) -> None:
         raise ConfigError(f"--mixup must be a non-negative number (Beta alpha; 0: off), got {cfg['mixup']!r}")
     if not (isinstance(cfg["ema"], (int, float)) and 0 <= cfg["ema"] < 1):
         raise ConfigError(f"--ema must be a decay in [0, 1) (0: off), got {cfg['ema']!r}")
-    for a in str(cfg["arch"]).split(","):
-        check_drop_path(a.strip(), cfg.get("drop_path", 0.0))
     if cfg.get("bn_stats", "update") not in BN_STATS:
         raise ConfigError(f"unknown --bn-stats {cfg['bn_stats']!r}; choose from: {', '.join(BN_STATS)}")
     cfg["tta"] = check_tta(cfg["tta"])  # "HFLIP" -> "hflip": the model compares it as written
