@@ -10,12 +10,19 @@ for comparing recipes, as the data README allows; nothing here chooses an epoch 
 
     python benchmarks/sweep_recipes.py --data ../shared/data/chest_xray --preset cpu-fast \\
         --variants '{"base": {}, "zoom": {"augment": {"zoom": 0.1}}}' --seeds 0,1,2 --out runs/sweep
+    python benchmarks/sweep_recipes.py --data ../shared/data/chest_xray --preset cpu-fast --members \\
+        --variants '{"base": {}, "noblur": {"augment": {"blur": 0, "blur_p": 0}}}' --seeds 0,1,2 --out runs/sweep
     python benchmarks/sweep_recipes.py --quick     # CI mode: CPU, synthetic images, seconds
     python benchmarks/sweep_recipes.py --out runs/sweep --summarize \\
         --ensembles '{"l0+l1": ["l0", "l1"], "l0+l1+l2": ["l0", "l1", "l2"]}'   # no training
 
+--members trains each variant once per member of the preset's ensemble (the variant's overrides
+on top of the member's), as variants NAME-m0, NAME-m1, ..., and adds each variant's members as
+an ensemble NAME to the tables: whole ensemble recipes compared in one command.
+
 Writes OUT/results.jsonl (one line per run) and OUT/probs.npz (labels and probabilities);
---summarize reads them back instead of training.
+--summarize reads them back instead of training, with --also DIR for more sweep folders of the
+same split (a sweep spread over several processes or machines).
 """
 
 from __future__ import annotations
@@ -51,8 +58,11 @@ def run(args) -> list[dict]:
         raise ConfigError(f"--variants and --base take JSON objects, --seeds integers: {exc}") from exc
     if not variants or not seeds:
         raise ConfigError("--variants and --seeds must each name at least one")
-    ensembles = parse_ensembles(args.ensembles, variants) if args.ensembles else None  # a typo fails before any training
     base = resolve_config(base_overrides, args.preset)
+    member_ensembles = {}
+    if args.members:
+        variants, member_ensembles = expand_members(variants, base.get("ensemble"))
+    ensembles = {**member_ensembles, **(parse_ensembles(args.ensembles, variants) if args.ensembles else {})} or None  # a typo fails before any training
     base["ensemble"] = None  # one model per (variant, seed): ensembles are formed below from their outputs
     split = int(base["seed"] if base.get("split_seed") is None else base["split_seed"])
     splits = load_splits(args.data, val_fraction=base["val_fraction"], seed=split, positive_class=base["positive_class"])
@@ -94,6 +104,36 @@ def mean_sd_cells(got: list[dict]) -> list[str]:
     return [f"{np.mean([g[k] for g in got]):.4f} ± {np.std([g[k] for g in got]):.4f}" for k in KEYS]
 
 
+def expand_members(variants: dict, members) -> tuple[dict, dict[str, list[str]]]:
+    """Each variant once per ensemble member: ``{NAME-mK: member K's overrides, then the
+    variant's}`` (augmentations merged, as ``member_config`` merges them), and the ensembles
+    ``{NAME: [NAME-m0, NAME-m1, ...]}``."""
+    from deepcovid.errors import ConfigError
+
+    if not members:
+        raise ConfigError("--members needs a preset (or --base) with an ensemble; this one has a single model")
+    out, ensembles = {}, {}
+    for name, overrides in variants.items():
+        ensembles[name] = []
+        for k, member in enumerate(members):
+            combo = {**member, **overrides}
+            if "augment" in member or "augment" in overrides:
+                combo["augment"] = {**member.get("augment", {}), **overrides.get("augment", {})}
+            out[f"{name}-m{k}"] = combo
+            ensembles[name].append(f"{name}-m{k}")
+    return out, ensembles
+
+
+def member_groups(variants) -> dict[str, list[str]]:
+    """The ensembles ``expand_members`` named, recovered from the variants' names (NAME-m0, ...)."""
+    groups: dict[str, list[str]] = {}
+    for v in variants:
+        name, sep, k = v.rpartition("-m")
+        if sep and k.isdigit():
+            groups.setdefault(name, []).append(v)
+    return groups
+
+
 def parse_ensembles(text: str, variants) -> dict[str, list[str]]:
     from deepcovid.errors import ConfigError
 
@@ -113,7 +153,8 @@ def parse_ensembles(text: str, variants) -> dict[str, list[str]]:
 def ensemble_summary(probs, ensembles: dict[str, list[str]], seeds, classes, thr) -> str:
     """Each named ensemble at each seed: the mean probability of its variants' models of that
     seed (as ``fit_ensemble`` combines members), scored at the sweep's threshold; then the mean
-    and spread of those scores over the seeds."""
+    and spread of those scores over the seeds at which every member ran (a cut-short sweep
+    leaves some out: their cells read "-")."""
     from deepcovid.errors import ConfigError
     from deepcovid.metrics import compute_metrics
 
@@ -121,38 +162,49 @@ def ensemble_summary(probs, ensembles: dict[str, list[str]], seeds, classes, thr
              "|---|---|" + "---|" * (len(KEYS) + len(seeds))]
     for name, members in ensembles.items():
         for part in ("val", "test"):
-            if f"{members[0]}/{seeds[0]}/{part}/y" not in probs:
+            ran = [s for s in seeds if all(f"{m}/{s}/{part}/p" in probs for m in members)]
+            if not ran:
                 continue
-            got = []
-            for s in seeds:
+            got = {}
+            for s in ran:
                 y = probs[f"{members[0]}/{s}/{part}/y"]
                 if any(not np.array_equal(probs[f"{m}/{s}/{part}/y"], y) for m in members):
                     raise ConfigError(f"{name}: the variants' {part} labels differ at seed {s}; they must share one split")
-                got.append(compute_metrics(y, np.mean([probs[f"{m}/{s}/{part}/p"] for m in members], axis=0), classes, thr))
-            lines.append(f"| {name} ({' + '.join(members)}) | {part} | " + " | ".join(mean_sd_cells(got)) + " | "
-                         + " | ".join(f"{g['f1']:.4f}" for g in got) + " |")
+                got[s] = compute_metrics(y, np.mean([probs[f"{m}/{s}/{part}/p"] for m in members], axis=0), classes, thr)
+            of = "" if len(ran) == len(seeds) else f", {len(ran)} seeds"
+            lines.append(f"| {name} ({' + '.join(members)}{of}) | {part} | " + " | ".join(mean_sd_cells(list(got.values()))) + " | "
+                         + " | ".join(f"{got[s]['f1']:.4f}" if s in got else "-" for s in seeds) + " |")
     return "\n".join(lines)
 
 
 def summarize(args) -> None:
-    """Print the tables of a finished sweep from OUT/results.jsonl and OUT/probs.npz, training nothing."""
+    """Print the tables of a finished sweep from OUT/results.jsonl and OUT/probs.npz (and those of
+    each --also folder), training nothing."""
     from deepcovid.errors import ConfigError
 
-    results, npz = args.out / "results.jsonl", args.out / "probs.npz"
-    if not (results.is_file() and npz.is_file()):
-        raise ConfigError(f"--summarize reads {results} and {npz}: run the sweep with --out {args.out} first")
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    rows, probs = [], {}
+    for folder in [args.out, *(args.also or [])]:
+        results, npz = folder / "results.jsonl", folder / "probs.npz"
+        if not (results.is_file() and npz.is_file()):
+            raise ConfigError(f"--summarize reads {results} and {npz}: run the sweep with --out {folder} first")
+        got = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        seen = {(r["variant"], r["seed"]) for r in rows}
+        clash = sorted({f"{r['variant']} seed {r['seed']}" for r in got if (r["variant"], r["seed"]) in seen})
+        if clash:
+            raise ConfigError(f"{folder} repeats runs already read: {', '.join(clash)}")
+        rows += got
+        with np.load(npz) as z:
+            probs.update({k: z[k] for k in z.files})
     if not rows:
-        raise ConfigError(f"{results} holds no runs")
+        raise ConfigError(f"{args.out / 'results.jsonl'} holds no runs")
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    ensembles = parse_ensembles(args.ensembles, variants) if args.ensembles else None
-    seeds = sorted({r["seed"] for r in rows if r["variant"] == variants[0]})
+    ensembles = {**(member_groups(variants) if args.members else {}),
+                 **(parse_ensembles(args.ensembles, variants) if args.ensembles else {})} or None
+    seeds = sorted({r["seed"] for r in rows})
     thresholds = {r["threshold"] for r in rows}
     if len(thresholds) != 1:
         raise ConfigError(f"the sweep's runs have different thresholds {sorted(thresholds)}; summarize them one at a time")
-    with np.load(npz) as z:
-        probs = {k: z[k] for k in z.files}
-    p0 = probs[f"{variants[0]}/{seeds[0]}/val/p"]
+    p0 = next(v for k, v in probs.items() if k.endswith("/p"))
     # The sweep saves probabilities, not class names: two classes when each image has one score.
     classes = ["negative", "positive"] if p0.ndim == 1 else [str(i) for i in range(p0.shape[1])]
     print_tables(rows, probs, variants, seeds, classes, thresholds.pop(), ensembles)
@@ -168,13 +220,14 @@ def summary(rows, probs, variants, seeds, classes, thr) -> str:
             if not got:
                 continue
             lines.append(f"| {name} (mean ± sd of {len(got)} seeds) | {part} | " + " | ".join(mean_sd_cells(got)) + " |")
-            for n in sorted({2, len(seeds)}):
-                if len(seeds) < n or n < 2:
+            own = [s for s in seeds if f"{name}/{s}/{part}/p" in probs]  # a cut-short sweep may lack some
+            for n in sorted({2, len(own)}):
+                if len(own) < n or n < 2:
                     continue
-                y = probs[f"{name}/{seeds[0]}/{part}/y"]
-                p = np.mean([probs[f"{name}/{s}/{part}/p"] for s in seeds[:n]], axis=0)
+                y = probs[f"{name}/{own[0]}/{part}/y"]
+                p = np.mean([probs[f"{name}/{s}/{part}/p"] for s in own[:n]], axis=0)
                 m = compute_metrics(y, p, classes, thr)
-                lines.append(f"| {name} (ensemble of seeds {seeds[:n]}) | {part} | " + " | ".join(f"{m[k]:.4f}" for k in KEYS) + " |")
+                lines.append(f"| {name} (ensemble of seeds {own[:n]}) | {part} | " + " | ".join(f"{m[k]:.4f}" for k in KEYS) + " |")
     return "\n".join(lines)
 
 
@@ -187,9 +240,13 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", type=Path, help="where runs and results go (default runs/sweep; --quick: a temporary folder)")
     p.add_argument("--ensembles", help="JSON {name: [variant, ...]}: ensembles across variants, per seed")
+    p.add_argument("--members", action="store_true",
+                   help="train each variant once per member of the preset's ensemble and score the ensembles")
+    p.add_argument("--also", type=Path, action="append", metavar="DIR",
+                   help="with --summarize: another sweep folder to read with --out (repeatable)")
     p.add_argument("--summarize", action="store_true",
                    help="train nothing: print the tables of the sweep already in --out")
-    p.add_argument("--quick", action="store_true", help="CI mode: CPU, synthetic images, seconds")
+    p.add_argument("--quick", action="store_true", help="CI mode: CPU, synthetic images, seconds (--base still applies)")
     args = p.parse_args(argv)
     if args.summarize and (args.quick or args.out is None):
         p.error("--summarize needs --out (the finished sweep's folder) and no --quick")
@@ -202,7 +259,9 @@ def main(argv=None) -> int:
         synthetic_folder(root / "data" / "train", {"NORMAL": 12, "PNEUMONIA": 12}, size=40)
         synthetic_folder(root / "data" / "test", {"NORMAL": 4, "PNEUMONIA": 4}, size=40, seed=7)
         args.data, args.out, args.seeds = root / "data", args.out or root / "out", "0,1"
-        args.base = json.dumps({**fast_train_config(), "epochs": 1, "device": "cpu", "cache_dir": str(root / "cache")})
+        # --base still applies on top (an ensemble for --members, say), but the images stay tiny
+        args.base = json.dumps({**fast_train_config(), "epochs": 1, "device": "cpu", **json.loads(args.base or "{}"),
+                                "cache_dir": str(root / "cache")})
     if args.data is None and not args.summarize:
         p.error("--data is required (or --quick)")
     args.out = args.out or Path("runs/sweep")

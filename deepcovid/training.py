@@ -39,7 +39,7 @@ log = logging.getLogger("deepcovid")
 
 PAPER_ARCHS = "resnet50,inception_v3,inception_resnet_v2"
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "cosine-step")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 AUGMENT_ON = ("auto", "loader", "device")
 
@@ -53,7 +53,9 @@ DEFAULTS: dict = {
     "weight_decay": 0.0,
     "optimizer": "adam",
     "momentum": 0.9,
-    "schedule": "constant",  # or "cosine": lr decays per epoch from --lr towards 0 at --epochs
+    # "cosine": lr decays per epoch from --lr towards 0 at --epochs; "cosine-step": the same curve
+    # taken at every optimizer step, so it also decays within an epoch (a one-epoch run ends at 0)
+    "schedule": "constant",
     # The decision threshold of a two-class model: "val-f1" (the F1-optimal threshold on the
     # validation split, re-chosen every epoch) or a fixed probability such as 0.5.
     "threshold": "val-f1",
@@ -415,8 +417,12 @@ def freeze_bn_stats(model: nn.Module) -> None:
 
 def train_one_epoch(model, loader, criterion, optimizer, device, *, epoch: int, amp=None, scaler=None,
                     max_batches: int | None = None, aux_weight: float = 0.4, desc: str = "train",
-                    sync_every: int | None = None, prepare=None, mix=None, ema=None, frozen_bn_stats: bool = False):
+                    sync_every: int | None = None, prepare=None, mix=None, ema=None, frozen_bn_stats: bool = False,
+                    step_lr=None):
     """One pass over ``loader``; returns (mean loss, labels, probabilities).
+
+    ``step_lr(i)``, if given, is the learning rate of the epoch's optimizer step ``i`` (0-based),
+    set on every parameter group before that step (``--schedule cosine-step``).
 
     ``frozen_bn_stats``: BatchNorm layers normalise with their running statistics and leave them
     as they are (``--bn-stats frozen``); their affine weights still train.
@@ -464,6 +470,9 @@ def train_one_epoch(model, loader, criterion, optimizer, device, *, epoch: int, 
                 logits = out
                 loss = criterion(logits, target)
         optimizer.zero_grad(set_to_none=True)
+        if step_lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = step_lr(i)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -562,11 +571,16 @@ def optimizer_from_tensors(optimizer, tensors: dict[str, torch.Tensor], meta: di
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def lr_at(cfg: dict, epoch: int) -> float:
-    """The learning rate of ``epoch`` (1-based). A pure function of the config, not a stateful
-    scheduler object, so that a resumed run continues on exactly the same curve."""
+def lr_at(cfg: dict, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
+    """The learning rate of ``epoch`` (1-based) at its optimizer step ``step`` (0-based; only
+    "cosine-step" reads it). A pure function of the config, not a stateful scheduler object, so
+    that a resumed run continues on exactly the same curve."""
     if cfg["schedule"] == "cosine":
         return cfg["lr"] * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / max(cfg["epochs"], 1)))
+    if cfg["schedule"] == "cosine-step":
+        steps = max(steps_per_epoch, 1)
+        done = (epoch - 1) * steps + min(step, steps)
+        return cfg["lr"] * 0.5 * (1.0 + math.cos(math.pi * done / (max(cfg["epochs"], 1) * steps)))
     return cfg["lr"]
 
 
@@ -984,10 +998,14 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
                 group["lr"] = lr_at(cfg, epoch)
             t0 = time.perf_counter()
             epoch_loader = train_loader(epoch) if callable(train_loader) else train_loader
+            step_lr = None
+            if cfg["schedule"] == "cosine-step":
+                n_steps = len(epoch_loader) if cfg["max_train_batches"] is None else min(len(epoch_loader), cfg["max_train_batches"])
+                step_lr = functools.partial(lr_at, cfg, epoch, steps_per_epoch=n_steps)
             tr_loss, tr_y, tr_p = train_one_epoch(train_model, epoch_loader, criterion, optimizer, device, epoch=epoch,
                                                   amp=amp, scaler=scaler, max_batches=cfg["max_train_batches"],
                                                   prepare=train_prepare, mix=mix, ema=ema,
-                                                  frozen_bn_stats=cfg.get("bn_stats") == "frozen")
+                                                  frozen_bn_stats=cfg.get("bn_stats") == "frozen", step_lr=step_lr)
             served = ema.module if ema is not None else step_model  # what is validated is what is saved as best
             va_loss, va_y, va_p = evaluate(served, val_loader, eval_criterion, device, amp=amp, prepare=prepare)
             threshold = choose_threshold(cfg, va_y, va_p, binary)
@@ -1350,7 +1368,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float,
                    help="weight decay (default 0; with --optimizer adamw, 0 means AdamW's usual 0.01)")
     p.add_argument("--optimizer", help=f"{', '.join(OPTIMIZERS)} (default adam)")
-    p.add_argument("--schedule", help="learning-rate schedule: constant (default) or cosine (per epoch, to 0 at --epochs)")
+    p.add_argument("--schedule", help="learning-rate schedule: constant (default), cosine (per epoch, to 0 at --epochs) "
+                   "or cosine-step (the same curve at every optimizer step)")
     p.add_argument("--head-epochs", type=int, help="LP-FT: train the head alone on cached features for N epochs first "
                                                    "(with --freeze none or N; default 0)")
     p.add_argument("--patience", type=int, help="stop after this many epochs without a lower validation loss (0: never; default 5)")

@@ -63,6 +63,46 @@ def test_recipe_sweep_rejects_bad_ensembles_and_missing_sweeps(sweep_recipes, tm
         sweep_recipes.main(["--summarize"])  # --summarize needs --out: a usage error
 
 
+def test_members_trains_each_variant_per_ensemble_member_and_scores_the_ensembles(sweep_recipes, tmp_path, capsys):
+    base = json.dumps({"ensemble": [{}, {"lr": 0.01, "augment": {"hflip": 0.0}}]})
+    variants = json.dumps({"ls": {"label_smoothing": 0.2, "augment": {"rotation": 5.0}}})
+    assert sweep_recipes.main(["--quick", "--base", base, "--members", "--variants", variants, "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(r["variant"], r["seed"]) for r in rows] == [("ls-m0", 0), ("ls-m0", 1), ("ls-m1", 0), ("ls-m1", 1)]
+    m0, m1 = (json.loads((tmp_path / "runs" / f"ls-m{k}-s0" / "config.json").read_text()) for k in (0, 1))
+    # the variant's overrides on top of each member's, augmentations merged
+    assert m0["label_smoothing"] == m1["label_smoothing"] == 0.2 and m0["ensemble"] is None
+    assert m0["lr"] == 1e-3 and m1["lr"] == 0.01
+    assert m1["augment"]["hflip"] == 0.0 and m1["augment"]["rotation"] == m0["augment"]["rotation"] == 5.0
+    assert m0["augment"].get("hflip") != 0.0  # member 0 keeps the preset's flips
+    out = capsys.readouterr().out
+    line = re.search(r"^\| ls \(ls-m0 \+ ls-m1\) \| test \| .*$", out, flags=re.M)
+    assert line, out
+
+    # the same tables from the saved sweep, read back from two folders (as from two processes)
+    part = tmp_path / "part2"
+    part.mkdir()
+    lines = (tmp_path / "results.jsonl").read_text().splitlines(keepends=True)
+    (part / "results.jsonl").write_text("".join(lines[2:]))
+    (tmp_path / "results.jsonl").write_text("".join(lines[:2]))
+    with np.load(tmp_path / "probs.npz") as z:
+        np.savez(part / "probs.npz", **{k: z[k] for k in z.files if k.startswith("ls-m1/")})
+        kept = {k: z[k] for k in z.files if k.startswith("ls-m0/")}
+    np.savez(tmp_path / "probs.npz", **kept)
+    assert sweep_recipes.main(["--out", str(tmp_path), "--also", str(part), "--summarize", "--members"]) == 0
+    assert line.group(0) in capsys.readouterr().out
+    # without the second folder the row names the one member it has
+    assert sweep_recipes.main(["--out", str(tmp_path), "--summarize", "--members"]) == 0
+    assert "| ls (ls-m0) | test |" in capsys.readouterr().out
+    # a folder read twice is refused, not counted twice
+    assert sweep_recipes.main(["--out", str(tmp_path), "--also", str(tmp_path), "--summarize", "--members"]) == 2
+    assert "repeats runs already read: ls-m0 seed 0, ls-m0 seed 1" in capsys.readouterr().err
+
+    # --members without an ensemble is a clear error before anything trains
+    assert sweep_recipes.main(["--quick", "--preset", "paper", "--members", "--out", str(tmp_path / "x")]) == 2
+    assert "--members needs a preset" in capsys.readouterr().err and not (tmp_path / "x" / "runs").exists()
+
+
 def test_ensembles_across_variants_average_each_seeds_members(sweep_recipes, tmp_path, capsys):
     """A hand-made sweep where each variant alone scores F1 0.5 at seed 0 and their mean
     probability 0.667: the table must show the ensemble's, seed by seed."""
@@ -82,3 +122,13 @@ def test_ensembles_across_variants_average_each_seeds_members(sweep_recipes, tmp
     assert [float(c) for c in cells["ab"][-2:]] == pytest.approx([2 / 3, 2 / 3], abs=1e-4)
     assert cells["ab"][1] == "0.6667 ± 0.0000" and cells["ab"][0] == "0.7500 ± 0.0000"
     assert [float(c) for c in cells["a"][-2:]] == pytest.approx([0.5, 1.0], abs=1e-4)
+
+    # a cut-short sweep: b never ran at seed 1, so "ab" is scored at seed 0 alone and says so
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if (r["variant"], r["seed"]) != ("b", 1)))
+    np.savez(tmp_path / "probs.npz", **{f"{v}/{s}/val/y": y for v, s in p if (v, s) != ("b", 1)},
+             **{f"{v}/{s}/val/p": np.array(q) for (v, s), q in p.items() if (v, s) != ("b", 1)})
+    assert sweep_recipes.main(["--out", str(tmp_path), "--summarize", "--ensembles", '{"ab": ["a", "b"]}']) == 0
+    row = re.search(r"^\| ab \(a \+ b, 1 seeds\) \| val \| (.*) \|$", capsys.readouterr().out, flags=re.M)
+    assert row, "the ensemble row says how many seeds it has"
+    cells = [c.strip() for c in row.group(1).split("|")]
+    assert cells[-1] == "-" and float(cells[-2]) == pytest.approx(2 / 3, abs=1e-4)

@@ -146,6 +146,32 @@ def test_cosine_schedule_is_a_function_of_the_epoch(dataset, tmp_path):
         resolve_config({"schedule": "step"})
 
 
+def test_cosine_step_schedule_decays_within_each_epoch(dataset, tmp_path, monkeypatch):
+    from deepcovid.training import lr_at
+
+    cfg = resolve_config({**FAST, "epochs": 2, "lr": 1e-3, "schedule": "cosine-step"})
+    # 2 epochs of 4 steps: the curve of "cosine" over 8 steps, so epoch 2 starts at the midpoint
+    assert [round(lr_at(cfg, 1, i, 4), 8) for i in range(4)] == [1e-3, 0.00096194, 0.00085355, 0.00069134]
+    assert lr_at(cfg, 2, 0, 4) == pytest.approx(5e-4) and lr_at(cfg, 2, 4, 4) == pytest.approx(0.0)
+    assert lr_at({**cfg, "schedule": "cosine"}, 1, 3, 4) == 1e-3  # per epoch: the step is ignored
+
+    used = []  # the learning rate each optimizer step actually ran with
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **kw):
+        used.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    fit({**cfg, "run_name": "cosstep"}, dataset, tmp_path)
+    steps = len(used) // 2
+    assert steps >= 2 and len(used) == 2 * steps
+    expected = [lr_at(cfg, e, i, steps) for e in (1, 2) for i in range(steps)]
+    assert used == pytest.approx(expected, rel=1e-9)
+    assert used[0] == pytest.approx(1e-3) and all(a > b for a, b in zip(used, used[1:]))
+
+
 def test_fixed_threshold_is_stored_and_used_for_selection(dataset, tmp_path):
     cfg = resolve_config({**FAST, "threshold": "0.5"})
     res = fit({**cfg, "run_name": "fixed"}, dataset, tmp_path)
