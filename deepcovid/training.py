@@ -421,8 +421,8 @@ def train_one_epoch(model, loader, criterion, optimizer, device, *, epoch: int, 
                     step_lr=None):
     """One pass over ``loader``; returns (mean loss, labels, probabilities).
 
-    ``step_lr(i)``, if given, is the learning rate of the epoch's optimizer step ``i`` (0-based),
-    set on every parameter group before that step (``--schedule cosine-step``).
+    ``step_lr(i, n)``, if given, is the learning rate of the epoch's optimizer step ``i`` (0-based)
+    of ``n``, set on every parameter group before that step (``--schedule cosine-step``).
 
     ``frozen_bn_stats``: BatchNorm layers normalise with their running statistics and leave them
     as they are (``--bn-stats frozen``); their affine weights still train.
@@ -472,7 +472,7 @@ def train_one_epoch(model, loader, criterion, optimizer, device, *, epoch: int, 
         optimizer.zero_grad(set_to_none=True)
         if step_lr is not None:
             for group in optimizer.param_groups:
-                group["lr"] = step_lr(i)
+                group["lr"] = step_lr(i, total_batches)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -998,10 +998,7 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
                 group["lr"] = lr_at(cfg, epoch)
             t0 = time.perf_counter()
             epoch_loader = train_loader(epoch) if callable(train_loader) else train_loader
-            step_lr = None
-            if cfg["schedule"] == "cosine-step":
-                n_steps = len(epoch_loader) if cfg["max_train_batches"] is None else min(len(epoch_loader), cfg["max_train_batches"])
-                step_lr = functools.partial(lr_at, cfg, epoch, steps_per_epoch=n_steps)
+            step_lr = functools.partial(lr_at, cfg, epoch) if cfg["schedule"] == "cosine-step" else None
             tr_loss, tr_y, tr_p = train_one_epoch(train_model, epoch_loader, criterion, optimizer, device, epoch=epoch,
                                                   amp=amp, scaler=scaler, max_batches=cfg["max_train_batches"],
                                                   prepare=train_prepare, mix=mix, ema=ema,
