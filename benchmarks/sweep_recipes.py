@@ -20,6 +20,10 @@ for comparing recipes, as the data README allows; nothing here chooses an epoch 
 on top of the member's), as variants NAME-m0, NAME-m1, ..., and adds each variant's members as
 an ensemble NAME to the tables: whole ensemble recipes compared in one command.
 
+--errors N lists the test/ images that the ensembles get wrong most often (named with --data),
+and --rethreshold RULE scores the ensembles again at the threshold a validation rule (e.g.
+recall=0.9) picks on each one's own validation probabilities, nothing retrained.
+
 Writes OUT/results.jsonl (one line per run) and OUT/probs.npz (labels and probabilities);
 --summarize reads them back instead of training, with --also DIR for more sweep folders of the
 same split (a sweep spread over several processes or machines).
@@ -41,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 KEYS = ("accuracy", "f1", "specificity", "auc")
+KIND = ("negative", "positive")  # the two classes of a two-class sweep, as its labels 0 and 1
 
 
 def run(args) -> list[dict]:
@@ -89,14 +94,58 @@ def run(args) -> list[dict]:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
         np.savez_compressed(out / "probs.npz", **probs)  # after every run: a cut-short sweep keeps its runs
-    print_tables(rows, probs, variants, seeds, classes, thr, ensembles)
+    print_tables(rows, probs, variants, seeds, classes, thr, ensembles, args.errors, test_names(args),
+                 args.rethreshold)
     return rows
 
 
-def print_tables(rows, probs, variants, seeds, classes, thr, ensembles=None) -> None:
+def print_tables(rows, probs, variants, seeds, classes, thr, ensembles=None, errors: int = 0, names=None,
+                 rule: str | None = None) -> None:
     print(summary(rows, probs, variants, seeds, classes, thr))
     if ensembles:
         print(ensemble_summary(probs, ensembles, seeds, classes, thr))
+        if rule:
+            print(ensemble_summary(probs, ensembles, seeds, classes, thr, rule))
+    if errors:
+        print(error_summary(probs, ensembles or {v: [v] for v in variants}, seeds, thr, errors, names))
+
+
+def error_summary(probs, ensembles: dict[str, list[str]], seeds, thr, top: int, names=None) -> str:
+    """Which test/ images the ensembles get wrong, pooled over every ensemble and seed: for each
+    class, the ``top`` images wrong most often, and how many images are wrong in at least 90 %
+    and 50 % of the ensembles. An image that almost every recipe and seed gets wrong bounds what
+    a change of recipe can gain; an image wrong in some seeds only is the seed spread."""
+    from deepcovid.errors import ConfigError
+
+    y, scores = None, []
+    for members in ensembles.values():
+        for s in seeds:
+            keys = [f"{m}/{s}/test/p" for m in members]
+            if not all(k in probs for k in keys):
+                continue
+            y_s = probs[f"{members[0]}/{s}/test/y"]
+            if y is not None and not np.array_equal(y, y_s):
+                raise ConfigError("the runs' test/ labels differ; --errors needs one test/ folder")
+            y = y_s
+            scores.append(np.mean([probs[k] for k in keys], axis=0))
+    if not scores or np.asarray(scores[0]).ndim != 1:
+        return "--errors: no two-class test/ probabilities in this sweep"
+    wrong = (np.asarray(scores) >= thr) != (y == 1)  # (ensembles x seeds, images)
+    rate = wrong.mean(0)
+    if names is not None and len(names) != len(y):
+        raise ConfigError(f"--data's test/ has {len(names)} readable images, the sweep scored {len(y)}")
+    label = (lambda i: names[i]) if names is not None else (lambda i: f"image {i}")
+    lines = [f"test/ images wrong most often, over {len(scores)} ensembles (every ensemble at every seed, threshold {thr}):",
+             "| class | image | wrong in |", "|---|---|---|"]
+    for c in (0, 1):
+        idx = np.flatnonzero(y == c)
+        for i in idx[np.argsort(-rate[idx], kind="stable")][:top]:
+            lines.append(f"| {KIND[c]} | {label(i)} | {rate[i] * 100:.1f} % |")
+    for c in (0, 1):
+        idx = np.flatnonzero(y == c)
+        lines.append(f"{KIND[c]}s: {int((rate[idx] >= 0.9).sum())} of {len(idx)} images wrong in >= 90 % of the ensembles, "
+                     f"{int((rate[idx] >= 0.5).sum())} in >= 50 %; {wrong[:, idx].sum(1).mean():.1f} wrong per ensemble on average")
+    return "\n".join(lines)
 
 
 def mean_sd_cells(got: list[dict]) -> list[str]:
@@ -150,29 +199,38 @@ def parse_ensembles(text: str, variants) -> dict[str, list[str]]:
     return ensembles
 
 
-def ensemble_summary(probs, ensembles: dict[str, list[str]], seeds, classes, thr) -> str:
+def ensemble_summary(probs, ensembles: dict[str, list[str]], seeds, classes, thr, rule: str | None = None) -> str:
     """Each named ensemble at each seed: the mean probability of its variants' models of that
-    seed (as ``fit_ensemble`` combines members), scored at the sweep's threshold; then the mean
-    and spread of those scores over the seeds at which every member ran (a cut-short sweep
-    leaves some out: their cells read "-")."""
+    seed (as ``fit_ensemble`` combines members), scored at the sweep's threshold, or with
+    ``rule`` (a ``--threshold`` value such as "recall=0.9") at the threshold that rule picks on
+    that ensemble's own validation probabilities; then the mean and spread of those scores over
+    the seeds at which every member ran (a cut-short sweep leaves some out: their cells read "-")."""
     from deepcovid.errors import ConfigError
     from deepcovid.metrics import compute_metrics
+    from deepcovid.training import choose_threshold
 
     lines = ["| ensemble of variants | split | " + " | ".join(KEYS) + " | " + " | ".join(f"f1 at seed {s}" for s in seeds) + " |",
              "|---|---|" + "---|" * (len(KEYS) + len(seeds))]
+
+    def mean_p(members, s, part):
+        y = probs[f"{members[0]}/{s}/{part}/y"]
+        if any(not np.array_equal(probs[f"{m}/{s}/{part}/y"], y) for m in members):
+            raise ConfigError(f"the variants {', '.join(members)} have different {part} labels at seed {s}; they must share one split")
+        return y, np.mean([probs[f"{m}/{s}/{part}/p"] for m in members], axis=0)
+
     for name, members in ensembles.items():
         for part in ("val", "test"):
-            ran = [s for s in seeds if all(f"{m}/{s}/{part}/p" in probs for m in members)]
+            ran = [s for s in seeds if all(f"{m}/{s}/{part}/p" in probs for m in members)
+                   and (rule is None or all(f"{m}/{s}/val/p" in probs for m in members))]
             if not ran:
                 continue
             got = {}
             for s in ran:
-                y = probs[f"{members[0]}/{s}/{part}/y"]
-                if any(not np.array_equal(probs[f"{m}/{s}/{part}/y"], y) for m in members):
-                    raise ConfigError(f"{name}: the variants' {part} labels differ at seed {s}; they must share one split")
-                got[s] = compute_metrics(y, np.mean([probs[f"{m}/{s}/{part}/p"] for m in members], axis=0), classes, thr)
+                t = thr if rule is None else choose_threshold({"threshold": rule}, *mean_p(members, s, "val"), True)
+                got[s] = compute_metrics(*mean_p(members, s, part), classes, t)
             of = "" if len(ran) == len(seeds) else f", {len(ran)} seeds"
-            lines.append(f"| {name} ({' + '.join(members)}{of}) | {part} | " + " | ".join(mean_sd_cells(list(got.values()))) + " | "
+            at = "" if rule is None else f", threshold {rule} on validation"
+            lines.append(f"| {name} ({' + '.join(members)}{of}{at}) | {part} | " + " | ".join(mean_sd_cells(list(got.values()))) + " | "
                          + " | ".join(f"{got[s]['f1']:.4f}" if s in got else "-" for s in seeds) + " |")
     return "\n".join(lines)
 
@@ -207,7 +265,22 @@ def summarize(args) -> None:
     p0 = next(v for k, v in probs.items() if k.endswith("/p"))
     # The sweep saves probabilities, not class names: two classes when each image has one score.
     classes = ["negative", "positive"] if p0.ndim == 1 else [str(i) for i in range(p0.shape[1])]
-    print_tables(rows, probs, variants, seeds, classes, thresholds.pop(), ensembles)
+    print_tables(rows, probs, variants, seeds, classes, thresholds.pop(), ensembles, args.errors, test_names(args),
+                 args.rethreshold)
+
+
+def test_names(args) -> list[str] | None:
+    """File names of ``--data``'s test/ images in the order the sweep scored them: ``load_splits``'s
+    listing of test/ (classes in the training order, positive last), less the unreadable ones, as
+    the sweep's decoding drops them. Listed without carving a validation split, which test/ does
+    not depend on."""
+    if not args.errors or args.data is None or not (Path(args.data) / "test").is_dir():
+        return None
+    from deepcovid.data import DecodedImages, discover, order_classes, positive_class_of
+
+    classes, _ = discover(Path(args.data) / "train")
+    _, test = discover(Path(args.data) / "test", order_classes(classes, positive_class_of(classes)))
+    return [Path(s.path).name for s in DecodedImages(test, 16, "off").samples]
 
 
 def summary(rows, probs, variants, seeds, classes, thr) -> str:
@@ -244,10 +317,27 @@ def main(argv=None) -> int:
                    help="train each variant once per member of the preset's ensemble and score the ensembles")
     p.add_argument("--also", type=Path, action="append", metavar="DIR",
                    help="with --summarize: another sweep folder to read with --out (repeatable)")
+    p.add_argument("--errors", type=int, default=0, metavar="N",
+                   help="also list the N test/ images of each class that the ensembles (or, without any, the "
+                        "variants' models) get wrong most often, pooled over seeds; names them with --data")
+    p.add_argument("--rethreshold", metavar="RULE",
+                   help="also score the ensembles at the threshold RULE (a --threshold rule: val-f1 or recall=R) "
+                        "picks on each ensemble's own validation probabilities, with nothing retrained")
     p.add_argument("--summarize", action="store_true",
                    help="train nothing: print the tables of the sweep already in --out")
     p.add_argument("--quick", action="store_true", help="CI mode: CPU, synthetic images, seconds (--base still applies)")
     args = p.parse_args(argv)
+    if args.rethreshold:
+        from deepcovid.errors import ConfigError
+        from deepcovid.training import threshold_rule
+
+        try:
+            if threshold_rule({"threshold": args.rethreshold}) is not None:
+                raise ConfigError("it is a fixed threshold")
+        except ConfigError as exc:
+            p.error(f"--rethreshold takes a rule that picks a threshold on validation (val-f1 or recall=R): {exc}")
+    if args.errors < 0:
+        p.error(f"--errors takes a number of images, 0 or more; got {args.errors}")
     if args.summarize and (args.quick or args.out is None):
         p.error("--summarize needs --out (the finished sweep's folder) and no --quick")
     tmp = None

@@ -163,6 +163,19 @@ def best_f1_threshold(y_true, prob) -> float:
     return float(thresholds[best])
 
 
+def recall_threshold(y_true, prob, target: float) -> float:
+    """The highest probability threshold whose recall on (validation) data is at least
+    ``target``: the operating point fixed by sensitivity, as a clinical test is specified. From
+    scikit-learn's ROC curve, every threshold kept, so the recall is exact; 0.5 if undefined."""
+    y_true = np.asarray(y_true).astype(int).ravel()
+    prob = np.asarray(prob, dtype=np.float64).ravel()
+    if y_true.sum() == 0 or y_true.sum() == len(y_true):
+        return 0.5
+    _, tpr, thresholds = roc_curve(y_true, prob, drop_intermediate=False)
+    # thresholds fall and tpr rises along the curve; the first is +inf (nothing called positive)
+    return float(thresholds[int(np.argmax(tpr >= target - 1e-12))])
+
+
 def roc_points(y_true, prob) -> tuple[np.ndarray, np.ndarray]:
     fpr, tpr, _ = roc_curve(np.asarray(y_true).astype(int), np.asarray(prob, dtype=np.float64))
     return fpr, tpr

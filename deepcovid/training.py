@@ -32,7 +32,7 @@ from torch import nn
 
 from .checkpoint import atomic_write_text, read_checkpoint, save_checkpoint, versions
 from .errors import CheckpointError, ConfigError, DataError
-from .metrics import METRIC_KEYS, best_f1_threshold, bootstrap_ci, compute_metrics, format_ci_list, format_table
+from .metrics import METRIC_KEYS, best_f1_threshold, bootstrap_ci, compute_metrics, format_ci_list, format_table, recall_threshold
 from .progress import progress
 
 log = logging.getLogger("deepcovid")
@@ -57,7 +57,8 @@ DEFAULTS: dict = {
     # taken at every optimizer step, so it also decays within an epoch (a one-epoch run ends at 0)
     "schedule": "constant",
     # The decision threshold of a two-class model: "val-f1" (the F1-optimal threshold on the
-    # validation split, re-chosen every epoch) or a fixed probability such as 0.5.
+    # validation split, re-chosen every epoch), "recall=R" (the highest threshold whose validation
+    # recall is at least R, also re-chosen every epoch) or a fixed probability such as 0.5.
     "threshold": "val-f1",
     # A list of per-member overrides (e.g. {"freeze": "none"}) makes the run an ensemble: each
     # member trains as its own run, then the mean of their probabilities is the model.
@@ -100,6 +101,11 @@ DEFAULTS: dict = {
     # its mirror's probabilities in validation, in test/ reports and, from the checkpoint, in
     # every prediction and explanation, so the model chosen is the model served.
     "tta": "none",
+    # Mixed precision of the training steps and of the validation passes: "auto" (bf16 autocast on
+    # CUDA, fp16 with a GradScaler where bf16 is missing; float32 on the CPU), "fp32", or "bf16"
+    # (autocast to bfloat16 on CUDA or the CPU, where oneDNN runs it natively on AVX512-BF16 and
+    # AMX cores). Served predictions keep their own --precision (float32 by default).
+    "precision": "auto",
     "device": "auto",
     "workers": None,         # None: 0 on CPU (the cores are busy with the model); on CUDA all cores but one
     "cache": "disk",
@@ -206,6 +212,8 @@ def validate_config(cfg: dict) -> None:
     threshold_rule(cfg)
     if cfg["device"] not in DEVICES:
         raise ConfigError(f"unknown --device {cfg['device']!r}; choose from: {', '.join(DEVICES)}")
+    if cfg.get("precision", "auto") not in PRECISIONS:
+        raise ConfigError(f"unknown --precision {cfg['precision']!r}; choose from: {', '.join(PRECISIONS)}")
     if cfg["augment_on"] not in AUGMENT_ON:
         raise ConfigError(f"unknown --augment-on {cfg['augment_on']!r}; choose from: {', '.join(AUGMENT_ON)}")
     if cfg["augment_on"] == "device" and cfg["cache"] == "off":
@@ -262,24 +270,43 @@ def validate_config(cfg: dict) -> None:
 
 
 def threshold_rule(cfg: dict) -> float | None:
-    """None for the validation-F1 rule, else the fixed threshold (validated)."""
+    """The fixed threshold, or None for a rule that chooses it on validation ('val-f1' or
+    'recall=R'); validates either form."""
     value = cfg["threshold"]
-    if value == "val-f1":
+    if value == "val-f1" or recall_target(cfg) is not None:
         return None
     try:
         t = float(value)
     except (TypeError, ValueError):
         t = math.nan
     if not 0.0 < t < 1.0:
-        raise ConfigError(f"--threshold must be 'val-f1' or a probability strictly between 0 and 1, got {value!r}")
+        raise ConfigError(f"--threshold must be 'val-f1', 'recall=R' or a probability strictly between 0 and 1, got {value!r}")
     return t
 
 
+def recall_target(cfg: dict) -> float | None:
+    """R of the rule 'recall=R' (the highest threshold whose validation recall is at least R), else None."""
+    value = str(cfg["threshold"])
+    if not value.startswith("recall="):
+        return None
+    try:
+        r = float(value.partition("=")[2])
+    except ValueError:
+        r = math.nan
+    if not 0.0 < r < 1.0:
+        raise ConfigError(f"--threshold recall=R needs R strictly between 0 and 1, got {value!r}")
+    return r
+
+
 def choose_threshold(cfg: dict, y, p, binary: bool) -> float | None:
-    """The decision threshold a run stores: the fixed one, else the F1-optimal one on (y, p);
-    None (argmax) for more than two classes."""
+    """The decision threshold a run stores: the fixed one, else the one its rule picks on (y, p)
+    (validation): the F1-optimal one, or the highest with recall >= R; None (argmax) for more
+    than two classes."""
     if not binary:
         return None
+    target = recall_target(cfg)
+    if target is not None:
+        return recall_threshold(y, p, target)
     fixed = threshold_rule(cfg)
     return fixed if fixed is not None else best_f1_threshold(y, p)
 
@@ -322,12 +349,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast_for(device: torch.device):
-    """AMP on CUDA (bf16 where supported, else fp16 with a GradScaler); full precision elsewhere."""
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def autocast_for(device: torch.device, precision: str = "auto"):
+    """(autocast context factory, whether a GradScaler is needed) for ``precision`` on ``device``:
+    "auto" is AMP on CUDA (bf16 where supported, else fp16 with a GradScaler) and float32
+    elsewhere; "fp32" is float32 everywhere; "bf16" is bfloat16 autocast on CUDA or the CPU."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown --precision {precision!r}; choose from: {', '.join(PRECISIONS)}")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return nullcontext, False
     if device.type == "cuda":
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("--precision bf16: this GPU has no bfloat16; use --precision auto (fp16) or fp32")
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return (lambda: torch.autocast("cuda", dtype=dtype)), dtype == torch.float16
-    return nullcontext, False
+    if device.type == "cpu":
+        return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)), False
+    raise ConfigError(f"--precision bf16 is not supported on device {device}; use --precision auto or fp32")
 
 
 # ---------------------------------------------------------------------------------------
@@ -940,7 +980,7 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
     optimizer = make_optimizer(params, cfg)
     if resume_state is not None and "optimizer" in resume_state.meta:
         optimizer_from_tensors(optimizer, resume_state.extra, resume_state.meta["optimizer"])
-    amp, use_scaler = autocast_for(device)
+    amp, use_scaler = autocast_for(device, cfg.get("precision", "auto"))
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     if cfg["head_epochs"] and resume_state is None and parse_freeze(cfg["freeze"]) != "backbone":
         linear_probe(model, train_loader.dataset, val_loader.dataset, criterion, eval_criterion, cfg, device, amp, prepare)
@@ -1383,7 +1423,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(rotation, hflip, vflip, shift, zoom, blur, blur_p, brightness, contrast, saturation, hue, erase); 0 switches it off")
     p.add_argument("--balance", help="class imbalance: weighted-loss (default), sampler, none")
     p.add_argument("--threshold", help="decision threshold of a two-class model: val-f1 (default: the F1-optimal "
-                                       "threshold on the validation split) or a fixed probability, e.g. 0.5")
+                                       "threshold on the validation split), recall=R (the highest threshold "
+                                       "whose validation recall is at least R, e.g. recall=0.9: a fixed sensitivity) "
+                                       "or a fixed probability, e.g. 0.5")
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--mixup", type=float, metavar="ALPHA",
                    help="MixUp: train on mixtures of pairs of images and their labels, weight ~ Beta(ALPHA, ALPHA); "
@@ -1400,6 +1442,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", help="test-time augmentation: none (default) or hflip (average each image's and its "
                                  "mirror's probabilities; stored in the checkpoint, so validation, test/ reports, "
                                  "predictions and explanations all use it; twice the inference cost)")
+    p.add_argument("--precision", help="mixed precision of training and validation: auto (default: bf16 autocast "
+                                       "on CUDA, float32 on the CPU), fp32, or bf16 (bfloat16 autocast, CUDA or CPU; "
+                                       "fast on CPUs with AVX512-BF16 or AMX, slow on others)")
     p.add_argument("--positive-class", help="the positive class for two classes (default: the one not named NORMAL)")
     p.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, mps")
     p.add_argument("--workers", type=int, help="data-loader worker processes (default: 0 on CPU, all cores but one on CUDA)")

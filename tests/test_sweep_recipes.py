@@ -132,3 +132,64 @@ def test_ensembles_across_variants_average_each_seeds_members(sweep_recipes, tmp
     assert row, "the ensemble row says how many seeds it has"
     cells = [c.strip() for c in row.group(1).split("|")]
     assert cells[-1] == "-" and float(cells[-2]) == pytest.approx(2 / 3, abs=1e-4)
+
+
+def test_errors_lists_the_test_images_the_ensembles_get_wrong_most_often(sweep_recipes, tmp_path, capsys):
+    """A hand-made sweep of ensemble "ab" at two seeds: negative 0 is wrong at both, negative 1
+    (mean exactly 0.5, called positive) and positive 1 at seed 0 only, the rest never."""
+    from conftest import make_train_test
+
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p = {("a", 0): [0.9, 0.8, 0.1, 0.9, 0.2, 0.9], ("b", 0): [0.7, 0.2, 0.1, 0.9, 0.4, 0.9],
+         ("a", 1): [0.9, 0.1, 0.1, 0.9, 0.9, 0.9], ("b", 1): [0.9, 0.1, 0.1, 0.9, 0.9, 0.9]}
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    rows = [{"variant": v, "seed": s, "seconds": 1.0, "epoch": 1, "threshold": 0.5,
+             "test": dict.fromkeys(sweep_recipes.KEYS, 0.5)} for v, s in p]
+    (sweep / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    np.savez(sweep / "probs.npz", **{f"{v}/{s}/test/y": y for v, s in p}, **{f"{v}/{s}/test/p": np.array(q) for (v, s), q in p.items()})
+    data = make_train_test(tmp_path / "data", 4, 3, size=16)  # test/: IM-0000-0001, IM-0000-0002, IM-0001-0001, person3_...
+
+    argv = ["--out", str(sweep), "--summarize", "--ensembles", '{"ab": ["a", "b"]}', "--errors", "2"]
+    assert sweep_recipes.main([*argv, "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "over 2 ensembles" in out
+    table = re.findall(r"^\| (negative|positive) \| (\S+) \| ([\d.]+) % \|$", out, flags=re.M)
+    assert table == [("negative", "IM-0000-0001.jpeg", "100.0"), ("negative", "IM-0000-0002.jpeg", "50.0"),
+                     ("positive", "person3_pneumonia_1.jpeg", "50.0"), ("positive", "person3_pneumonia_0.jpeg", "0.0")], out
+    assert "negatives: 1 of 3 images wrong in >= 90 % of the ensembles, 2 in >= 50 %; 1.5 wrong per ensemble" in out
+    assert "positives: 0 of 3 images wrong in >= 90 % of the ensembles, 1 in >= 50 %; 0.5 wrong per ensemble" in out
+
+    assert sweep_recipes.main(argv) == 0  # without --data the images are numbered
+    assert "| negative | image 0 | 100.0 % |" in capsys.readouterr().out
+    small = make_train_test(tmp_path / "small", 4, 2, size=16)
+    assert sweep_recipes.main([*argv, "--data", str(small)]) == 2
+    assert "test/ has 4 readable images, the sweep scored 6" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        sweep_recipes.main([*argv, "--errors", "-1"])
+    assert exc.value.code == 2
+
+
+def test_rethreshold_scores_each_ensemble_at_its_own_validation_threshold(sweep_recipes, tmp_path, capsys):
+    """Validation positives at 0.6 and 0.8: recall=1.0 picks 0.6 and recall=0.5 picks 0.8, so the
+    test/ positive at 0.7 is called only under the first rule (test/ F1 1.0 against 2/3)."""
+    yv, yt = np.array([0, 1, 1]), np.array([0, 1, 1])
+    pv, pt = np.array([0.1, 0.6, 0.8]), np.array([0.1, 0.7, 0.9])
+    rows = [{"variant": "a", "seed": 0, "seconds": 1.0, "epoch": 1, "threshold": 0.5,
+             "val": dict.fromkeys(sweep_recipes.KEYS, 0.5), "test": dict.fromkeys(sweep_recipes.KEYS, 0.5)}]
+    (tmp_path / "results.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    np.savez(tmp_path / "probs.npz", **{"a/0/val/y": yv, "a/0/val/p": pv, "a/0/test/y": yt, "a/0/test/p": pt})
+    argv = ["--out", str(tmp_path), "--summarize", "--ensembles", '{"e": ["a"]}', "--rethreshold"]
+    f1 = {}
+    for r in ("recall=0.99", "recall=0.5"):
+        assert sweep_recipes.main([*argv, r]) == 0
+        out = capsys.readouterr().out
+        row = re.search(rf"^\| e \(a, threshold {r} on validation\) \| test \| (.*) \|$", out, flags=re.M)
+        assert row, out
+        f1[r] = float(row.group(1).split("|")[1].split("±")[0])
+    assert f1 == {"recall=0.99": pytest.approx(1.0), "recall=0.5": pytest.approx(2 / 3, abs=1e-4)}
+    for bad in ("0.5", "recall=2"):
+        with pytest.raises(SystemExit) as exc:
+            sweep_recipes.main([*argv, bad])
+        assert exc.value.code == 2
+    assert "--rethreshold takes a rule" in capsys.readouterr().err

@@ -172,6 +172,67 @@ def test_cosine_step_schedule_decays_within_each_epoch(dataset, tmp_path, monkey
     assert used[0] == pytest.approx(1e-3) and all(a > b for a, b in zip(used, used[1:]))
 
 
+def test_bf16_precision_runs_training_in_bfloat16_and_keeps_float32_weights(dataset, tmp_path, monkeypatch):
+    from deepcovid.training import autocast_for
+
+    cpu = torch.device("cpu")
+    conv = torch.nn.Conv2d(3, 4, 3)
+    x = torch.randn(1, 3, 8, 8)
+    for precision, dtype in (("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        amp, scaler = autocast_for(cpu, precision)
+        with amp():
+            assert conv(x).dtype == dtype and scaler is False
+    with pytest.raises(ConfigError, match="unknown --precision"):
+        autocast_for(cpu, "fp16x")
+
+    seen = {}  # dtype of every convolution output while fitting, by whether autograd was recording
+    real_forward = torch.nn.Conv2d.forward
+
+    def spy(self, inp):
+        out = real_forward(self, inp)
+        seen.setdefault(torch.is_grad_enabled(), set()).add(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", spy)
+    for precision in ("fp32", "bf16"):
+        seen.clear()
+        cfg = resolve_config({**FAST, "epochs": 1, "precision": precision})
+        fit({**cfg, "run_name": precision}, dataset, tmp_path)
+        want = torch.bfloat16 if precision == "bf16" else torch.float32
+        assert seen[True] == {want}  # the training steps
+        ckpt = read_checkpoint(tmp_path / precision / "best.safetensors")
+        assert ckpt.meta["config"]["precision"] == precision
+        assert all(v.dtype == torch.float32 for v in ckpt.state_dict.values() if v.is_floating_point())
+        assert all(0 <= v <= 1 for k, v in json.loads((tmp_path / precision / "test_metrics.json").read_text()).items()
+                   if k in ("accuracy", "auc"))
+
+
+def test_recall_threshold_rule_keeps_the_validation_sensitivity(dataset, tmp_path):
+    import numpy as np
+
+    from deepcovid.metrics import recall_threshold
+
+    y = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1])
+    p = np.array([0.1, 0.35, 0.7, 0.2, 0.3, 0.4, 0.5, 0.6, 0.65, 0.8, 0.85, 0.9, 0.95])
+    # ten positives: recall >= 0.9 needs 9 of them called, so the 9th highest, 0.3, is the threshold
+    assert recall_threshold(y, p, 0.9) == 0.3
+    assert recall_threshold(y, p, 0.95) == 0.2 and recall_threshold(y, p, 0.5) == 0.65
+    assert ((p >= recall_threshold(y, p, 0.8))[y == 1]).mean() >= 0.8
+    assert recall_threshold(np.ones(3), p[:3], 0.9) == 0.5  # undefined with one class
+
+    cfg = resolve_config({**FAST, "threshold": "recall=0.9"})
+    res = fit({**cfg, "run_name": "rec"}, dataset, tmp_path)
+    meta = load_checkpoint(tmp_path / "rec").meta
+    val = meta["val_metrics"]
+    assert val["recall"] >= 0.9 and meta["config"]["threshold"] == "recall=0.9"
+    rows = list(csv.DictReader((tmp_path / "rec" / "history.csv").open()))
+    assert float(rows[int(meta["epoch"]) - 1]["val_threshold"]) == pytest.approx(meta["threshold"])
+    assert json.loads((res.run_dir / "test_metrics.json").read_text())["threshold"] == pytest.approx(meta["threshold"])
+    for bad in ("recall=1", "recall=0", "recall=x", "recall="):
+        with pytest.raises(ConfigError, match="recall=R"):
+            resolve_config({**FAST, "threshold": bad})
+
+
 def test_fixed_threshold_is_stored_and_used_for_selection(dataset, tmp_path):
     cfg = resolve_config({**FAST, "threshold": "0.5"})
     res = fit({**cfg, "run_name": "fixed"}, dataset, tmp_path)
@@ -228,6 +289,7 @@ def test_grid_picks_the_better_trial(dataset, tmp_path):
     (["--mixup", "nan"], "--mixup must be"),
     (["--augment", "erase=2"], "erase is a probability in [0, 1]"),
     (["--augment", "erase=nan"], "erase is a probability in [0, 1]"),
+    (["--precision", "fp8"], "unknown --precision"),
 ])
 def test_bad_flags_give_clear_errors(dataset, tmp_path, capsys, argv, message):
     rc = main(["train", "--data", str(dataset), "--output", str(tmp_path), *argv])
