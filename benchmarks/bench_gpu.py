@@ -272,7 +272,10 @@ def main(argv=None) -> int:
     print("\n| path | images/s | × model only | note |\n|---|---|---|---|")
     for name, v, note in rows:
         ratio = f"{v / base:.2f}" if v and base else "-"
-        print(f"| {name} | {v:.0f} | {ratio} | {note} |" if v else f"| {name} | - | - | {note} |")
+        # whole images/s, but two significant digits below 10 (a quick run on a busy CPU can be
+        # slower than one image a second, which would print as 0)
+        shown = f"{v:.0f}" if v and v >= 10 else f"{v:.2g}" if v else "-"
+        print(f"| {name} | {shown} | {ratio} | {note} |" if v else f"| {name} | - | - | {note} |")
     if tmp is not None:
         tmp.cleanup()
     return 0

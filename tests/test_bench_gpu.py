@@ -11,7 +11,7 @@ def test_gpu_benchmark_runs_in_quick_mode_on_the_cpu(capsys):
 
     assert bench_gpu.main(["--quick"]) == 0
     out = capsys.readouterr().out
-    rows = re.findall(r"^\| ([^|]+?) \| ([0-9]+|-) \| ([0-9.]+|-) \|", out, flags=re.M)
+    rows = re.findall(r"^\| ([^|]+?) \| ([0-9.]+|-) \| ([0-9.]+|-) \|", out, flags=re.M)
     names = [r[0] for r in rows]
     assert names[0] == "model only (batch on the device)" and rows[0][2] == "1.00"
     for needed in ("loader alone: uint8", "JPEG decoded every epoch", "decoded cache, uint8", "on the device alone", "kept on the device, augmented there"):
