@@ -94,7 +94,7 @@ def run(args) -> list[dict]:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
         np.savez_compressed(out / "probs.npz", **probs)  # after every run: a cut-short sweep keeps its runs
-    print_tables(rows, probs, variants, seeds, classes, thr, ensembles, args.errors, test_names(args),
+    print_tables(rows, probs, variants, seeds, classes, thr, ensembles, args.errors, names_of_test_images(args),
                  args.rethreshold)
     return rows
 
@@ -265,11 +265,11 @@ def summarize(args) -> None:
     p0 = next(v for k, v in probs.items() if k.endswith("/p"))
     # The sweep saves probabilities, not class names: two classes when each image has one score.
     classes = ["negative", "positive"] if p0.ndim == 1 else [str(i) for i in range(p0.shape[1])]
-    print_tables(rows, probs, variants, seeds, classes, thresholds.pop(), ensembles, args.errors, test_names(args),
+    print_tables(rows, probs, variants, seeds, classes, thresholds.pop(), ensembles, args.errors, names_of_test_images(args),
                  args.rethreshold)
 
 
-def test_names(args) -> list[str] | None:
+def names_of_test_images(args) -> list[str] | None:
     """File names of ``--data``'s test/ images in the order the sweep scored them: ``load_splits``'s
     listing of test/ (classes in the training order, positive last), less the unreadable ones, as
     the sweep's decoding drops them. Listed without carving a validation split, which test/ does
