@@ -13,6 +13,10 @@ import torch
 
 from .errors import ConfigError
 
+# Numeric precisions of a model's forward (and training) passes: float32 unless "bf16"; "auto"
+# lets each caller pick its device's fast default. Shared by training's and inference's flags.
+PRECISIONS = ("auto", "fp32", "bf16")
+
 
 def available_threads() -> int:
     """CPU cores this process may use (affinity-aware)."""

@@ -53,7 +53,7 @@ import torch
 
 from . import cam as camlib
 from .cam import CAM_METHODS, SLOW_CAM_MESSAGE, SLOW_CAM_METHODS  # noqa: F401  (re-exported)
-from .device import available_threads, resolve_device  # noqa: F401  (re-exported)
+from .device import PRECISIONS, available_threads, resolve_device  # noqa: F401  (re-exported)
 from .errors import ConfigError, check_choice
 
 __all__ = [
@@ -62,7 +62,6 @@ __all__ = [
     "check_backend",
 ]
 
-PRECISIONS = ("auto", "fp32", "bf16")
 BACKENDS = ("eager", "compile", "onnx")
 
 

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write_text, read_checkpoint, save_checkpoint, versions
-from .errors import CheckpointError, ConfigError, DataError
+from .device import PRECISIONS
+from .errors import CheckpointError, ConfigError, DataError, check_choice
 from .metrics import METRIC_KEYS, best_f1_threshold, bootstrap_ci, compute_metrics, format_ci_list, format_table, recall_threshold
 from .progress import progress
 
@@ -212,8 +213,7 @@ def validate_config(cfg: dict) -> None:
     threshold_rule(cfg)
     if cfg["device"] not in DEVICES:
         raise ConfigError(f"unknown --device {cfg['device']!r}; choose from: {', '.join(DEVICES)}")
-    if cfg.get("precision", "auto") not in PRECISIONS:
-        raise ConfigError(f"unknown --precision {cfg['precision']!r}; choose from: {', '.join(PRECISIONS)}")
+    cfg["precision"] = check_choice(cfg.get("precision", "auto"), PRECISIONS, "--precision")
     if cfg["augment_on"] not in AUGMENT_ON:
         raise ConfigError(f"unknown --augment-on {cfg['augment_on']!r}; choose from: {', '.join(AUGMENT_ON)}")
     if cfg["augment_on"] == "device" and cfg["cache"] == "off":
@@ -349,15 +349,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
 def autocast_for(device: torch.device, precision: str = "auto"):
     """(autocast context factory, whether a GradScaler is needed) for ``precision`` on ``device``:
     "auto" is AMP on CUDA (bf16 where supported, else fp16 with a GradScaler) and float32
     elsewhere; "fp32" is float32 everywhere; "bf16" is bfloat16 autocast on CUDA or the CPU."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown --precision {precision!r}; choose from: {', '.join(PRECISIONS)}")
+    precision = check_choice(precision, PRECISIONS, "--precision")
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return nullcontext, False
     if device.type == "cuda":
