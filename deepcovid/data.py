@@ -342,8 +342,9 @@ class XRayDataset(Dataset):
     host-to-device copy; benchmarks/bench_gpu.py)."""
 
     def __init__(self, images: DecodedImages, mean, std, color_space: str = "rgb", augment=None,
-                 normalize: bool = True):
+                 normalize: bool = True, negative_augment=None):
         self.images = images
+        self.negative_augment = negative_augment  # applied first, to label-0 images only
         self.mean, self.std, self.color_space = mean, std, color_space
         self.augment = augment
         self.normalize = normalize
@@ -356,6 +357,8 @@ class XRayDataset(Dataset):
         from .transforms import normalize
 
         x = torch.from_numpy(np.ascontiguousarray(self.images.get(i))).permute(2, 0, 1)
+        if self.negative_augment is not None and self.labels[i] == 0:
+            x = self.negative_augment(x)
         if self.augment is not None:
             x = self.augment(x)
         if not self.normalize:
@@ -369,14 +372,16 @@ class DeviceBatches:
 
     On CUDA this replaces the DataLoader's worker processes, shared-memory transfers and
     host-to-device copies (benchmarks/bench_gpu.py); the augmentation then runs on the batch
-    (``transforms.BatchAugment``). Yields uint8 (B, 3, S, S) batches and their labels, with the
+    (``transforms.BatchAugment``, given as ``augment``). Yields uint8 (B, 3, S, S) batches, or
+    with ``augment`` its float ones, and their labels, with the
     loader's semantics: a fresh shuffle per epoch from ``generator``, or with ``weights`` a
     class-balanced draw with replacement (``--balance sampler``), and ``drop_last``.
     ``dataset`` is the per-image dataset of the same images, for the paths that cache features.
     """
 
     def __init__(self, images: DecodedImages, batch_size: int, device: torch.device, *, generator: torch.Generator,
-                 drop_last: bool = True, weights: np.ndarray | None = None, dataset=None):
+                 drop_last: bool = True, weights: np.ndarray | None = None, dataset=None, augment=None):
+        self.augment = augment  # augment(x, labels) -> the augmented batch (``transforms.BatchAugment``)
         self.x = images.copy_to(device)
         self.y = torch.as_tensor([s.label for s in images.samples], device=device)
         self.batch_size, self.drop_last, self.generator = int(batch_size), bool(drop_last), generator
@@ -396,4 +401,5 @@ class DeviceBatches:
         order = order.to(self.x.device)
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            yield self.x[idx], self.y[idx]
+            x, y = self.x[idx], self.y[idx]
+            yield (x if self.augment is None else self.augment(x, y)), y

@@ -685,19 +685,20 @@ def augment_on(cfg: dict, device: torch.device, images, feature_cached: bool = F
 
 def _loaders(splits, spec_cfg: dict, cfg: dict, device: torch.device, images_train, images_val,
              feature_cached: bool = False):
-    """(train loader, val loader, augmentation config, prepare, train_prepare): the loaders
-    yield uint8 images; ``prepare`` normalises a batch where the model runs, and
-    ``train_prepare`` also augments it when augmentation runs on the device."""
+    """(train loader, val loader, augmentation config, prepare, order generator): the loaders
+    yield uint8 images (the device-kept train batches: augmented float ones), which ``prepare``
+    normalises where the model runs."""
     from torch.utils.data import DataLoader, WeightedRandomSampler
 
     from .data import DeviceBatches, XRayDataset
-    from .transforms import AugmentConfig, BatchAugment, build_augment
+    from .transforms import AugmentConfig, BatchAugment, build_augment, build_negative_augment
 
     aug_cfg = AugmentConfig.off() if cfg["no_augment"] else AugmentConfig.from_dict(cfg["augment"])
     size = spec_cfg["input_size"]
     mean, std = spec_cfg["mean"], spec_cfg["std"]
     # The per-image dataset also serves the feature cache and LP-FT's head epochs.
-    train_ds = XRayDataset(images_train, mean, std, cfg["color_space"], build_augment(aug_cfg, size), normalize=False)
+    train_ds = XRayDataset(images_train, mean, std, cfg["color_space"], build_augment(aug_cfg, size), normalize=False,
+                           negative_augment=build_negative_augment(aug_cfg))
     val_ds = XRayDataset(images_val, mean, std, cfg["color_space"], None, normalize=False)
     workers = cfg["workers"] if cfg["workers"] is not None else default_workers(device)
     common = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
@@ -712,18 +713,16 @@ def _loaders(splits, spec_cfg: dict, cfg: dict, device: torch.device, images_tra
     log.info("training images augmented %s", "on the device, a batch at a time" if where == "device"
              else f"per image in the loader ({workers} worker processes)")
     if where == "device":
+        # augmented by the loader, where each batch's labels are (``neg_blur`` needs them)
         train_loader = DeviceBatches(images_train, cfg["batch_size"], device, generator=g, drop_last=drop_last,
-                                     weights=weights, dataset=train_ds)
-        batch_aug = BatchAugment(aug_cfg, size)
-        train_prepare = lambda x: prepare(batch_aug(x))  # noqa: E731
+                                     weights=weights, dataset=train_ds, augment=BatchAugment(aug_cfg, size))
     else:
         sampler = None if weights is None else WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double),
                                                                      len(weights), generator=g)
         train_loader = DataLoader(train_ds, batch_size=cfg["batch_size"], shuffle=sampler is None, sampler=sampler,
                                   generator=g, drop_last=drop_last, **common)
-        train_prepare = prepare
     val_loader = DataLoader(val_ds, batch_size=cfg["batch_size"] * 2, shuffle=False, **common)
-    return train_loader, val_loader, aug_cfg, prepare, train_prepare, g
+    return train_loader, val_loader, aug_cfg, prepare, g
 
 
 def _feature_key(cfg: dict, arch: str, input_size: int, data_meta: dict, aug_cfg) -> str | None:
@@ -961,7 +960,7 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
 
     data_meta = {**splits.describe(), "train_counts": train_counts, "val_counts": val_counts,
                  "skipped": img_train.bad + img_val.bad}
-    train_loader, val_loader, aug_cfg, prepare, train_prepare, order_rng = _loaders(
+    train_loader, val_loader, aug_cfg, prepare, order_rng = _loaders(
         splits, spec_cfg, cfg, device, img_train, img_val, feature_cached)
     criterion = make_criterion(len(classes), list(train_counts.values()), cfg["balance"], cfg["label_smoothing"]).to(device)
     eval_criterion = make_criterion(len(classes), list(train_counts.values()), cfg["balance"], 0.0).to(device)
@@ -996,7 +995,7 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
         feats = FeatureCache.build(prefix, train_loader.dataset, val_loader.dataset, cfg, device, amp,
                                    cache_key=_feature_key(cfg, arch, input_size, data_meta, aug_cfg), prepare=prepare)
         train_loader, val_loader = feats.loaders(cfg, device, generator=order_rng)
-        prepare = train_prepare = None  # cached outputs are already what the trained part takes
+        prepare = None  # cached outputs are already what the trained part takes
 
     if resume_state is not None and ORDER_RNG_KEY in resume_state.extra:
         # The loaders draw each epoch's order from one generator that advances epoch by epoch;
@@ -1037,7 +1036,7 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
             step_lr = functools.partial(lr_at, cfg, epoch) if cfg["schedule"] == "cosine-step" else None
             tr_loss, tr_y, tr_p = train_one_epoch(train_model, epoch_loader, criterion, optimizer, device, epoch=epoch,
                                                   amp=amp, scaler=scaler, max_batches=cfg["max_train_batches"],
-                                                  prepare=train_prepare, mix=mix, ema=ema,
+                                                  prepare=prepare, mix=mix, ema=ema,
                                                   frozen_bn_stats=cfg.get("bn_stats") == "frozen", step_lr=step_lr)
             served = ema.module if ema is not None else step_model  # what is validated is what is saved as best
             va_loss, va_y, va_p = evaluate(served, val_loader, eval_criterion, device, amp=amp, prepare=prepare)

@@ -41,6 +41,12 @@ class AugmentConfig:
     # rectangle, 2-33 % of the image with aspect 0.3-3.3, becomes black, as the affine's fill.
     # Not in the paper; off by default.
     erase: float = 0.0
+    # One more Gaussian blur (max sigma, probability) for negative-class training images only
+    # (label 0: NORMAL), before the others. Not in the paper; off by default. Aimed at the
+    # sharpness cue: train/'s normals are far sharper than its pneumonias, and test/'s normals
+    # that get called pneumonia are its blurriest (README, Results, "Sharpness").
+    neg_blur: float = 0.0
+    neg_blur_p: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "AugmentConfig":
@@ -50,8 +56,11 @@ class AugmentConfig:
         if unknown:
             raise ConfigError(f"unknown augmentation(s) {sorted(unknown)}; known: {sorted(names)}")
         # checked here, not by torchvision's ValueError once training has started
-        if "erase" in d and not 0 <= d["erase"] <= 1:
-            raise ConfigError(f"augmentation erase is a probability in [0, 1], got {d['erase']!r}")
+        for name in ("erase", "blur_p", "neg_blur_p"):
+            if name in d and not 0 <= d[name] <= 1:
+                raise ConfigError(f"augmentation {name} is a probability in [0, 1], got {d[name]!r}")
+        if "neg_blur" in d and not d["neg_blur"] >= 0:
+            raise ConfigError(f"augmentation neg_blur is a maximum sigma in pixels (0: off), got {d['neg_blur']!r}")
         return cls(**d)
 
     @classmethod
@@ -277,6 +286,13 @@ ERASE_SCALE = (0.02, 0.33)  # share of the image a random erasing covers (torchv
 ERASE_RATIO = (0.3, 3.3)    # its aspect ratio, drawn log-uniformly
 
 
+def build_negative_augment(cfg: AugmentConfig):
+    """The extra augmentation of negative-class (label 0) training images, ``neg_blur``, or None."""
+    if cfg.neg_blur > 0 and cfg.neg_blur_p > 0:
+        return RandomGaussianBlur(cfg.neg_blur, cfg.neg_blur_p)
+    return None
+
+
 def build_augment(cfg: AugmentConfig, input_size: int) -> v2.Transform:
     """The paper's Table 1 augmentations on uint8 (3, S, S) tensors; returns uint8."""
     ops: list = []
@@ -344,15 +360,21 @@ class BatchAugment:
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
-    def _blur(self, x: torch.Tensor) -> torch.Tensor:
+    def _blur(self, x: torch.Tensor, sigma_max: float | None = None, p: float | None = None,
+              only: torch.Tensor | None = None) -> torch.Tensor:
+        """The Gaussian blur (``blur``, ``blur_p`` unless given), on the rows ``only`` marks."""
         import torch.nn.functional as F
 
         c, (b, ch, h, w), dev = self.cfg, x.shape, x.device
-        if not (c.blur > 0 and c.blur_p > 0):
+        sigma_max = c.blur if sigma_max is None else sigma_max
+        p = c.blur_p if p is None else p
+        if not (sigma_max > 0 and p > 0):
             return x
-        on = torch.rand(b, device=dev) < c.blur_p
-        sigma = self._uniform(b, 0.1, c.blur, dev)
-        r = max(1, int(math.ceil(3 * c.blur)))  # OpenCV's uint8 kernel spans about +-3 sigma
+        on = torch.rand(b, device=dev) < p
+        if only is not None:
+            on &= only
+        sigma = self._uniform(b, 0.1, sigma_max, dev)
+        r = max(1, int(math.ceil(3 * sigma_max)))  # OpenCV's uint8 kernel spans about +-3 sigma
         k = torch.exp(-0.5 * (torch.arange(-r, r + 1, device=dev, dtype=x.dtype)[None] / sigma[:, None]) ** 2)
         k = k / k.sum(1, keepdim=True)
         delta = torch.zeros_like(k)
@@ -385,11 +407,18 @@ class BatchAugment:
                 x[i] = self.colour(x[i] / 255.0) * 255.0
         return x
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``labels`` (B,) are needed only for ``neg_blur``, which blurs the label-0 images first."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"BatchAugment takes (B, 3, S, S) batches, got {tuple(x.shape)}")
+        x = x.float()
+        c = self.cfg
+        if c.neg_blur > 0 and c.neg_blur_p > 0:
+            if labels is None:
+                raise ValueError("BatchAugment with neg_blur needs the batch's labels")
+            x = self._blur(x, c.neg_blur, c.neg_blur_p, only=labels.to(x.device) == 0)
         # [0, 1] float: what ``normalize`` takes (it divides only uint8 by 255)
-        return self._erase(self._jitter(self._blur(self._geometry(x.float())))).div_(255.0)
+        return self._erase(self._jitter(self._blur(self._geometry(x)))).div_(255.0)
 
     def _erase(self, x: torch.Tensor) -> torch.Tensor:
         # ``v2.RandomErasing``'s draw, per image: area and log-aspect uniform, the rectangle

@@ -272,6 +272,44 @@ def test_augmentations_off_is_identity_and_unknown_rejected():
         AugmentConfig.from_dict({"sharpen": 1})
 
 
+def test_neg_blur_blurs_only_negative_class_images(tmp_path):
+    """``neg_blur``: one more blur for label-0 (NORMAL) training images, per image in the loader
+    and per batch on the device; label-1 images and a run without it are untouched."""
+    from deepcovid.data import XRayDataset
+    from deepcovid.transforms import BatchAugment, build_negative_augment
+
+    off = AugmentConfig.off().to_dict()
+    assert build_negative_augment(AugmentConfig(**off)) is None
+    assert build_negative_augment(AugmentConfig(**{**off, "neg_blur": 2.0})) is None  # p 0: off
+    neg = AugmentConfig(**{**off, "neg_blur": 2.0, "neg_blur_p": 1.0})
+    make_image_folder(tmp_path / "train", {"NORMAL": 3, "PNEUMONIA": 3}, size=24)
+    _, samples = discover(tmp_path / "train")
+    imgs = DecodedImages(samples, 24, "memory")
+    plain = XRayDataset(imgs, (0.5,) * 3, (0.5,) * 3, normalize=False)
+    blurred = XRayDataset(imgs, (0.5,) * 3, (0.5,) * 3, normalize=False, negative_augment=build_negative_augment(neg))
+    tv = lambda t: (t[..., 1:].float() - t[..., :-1].float()).abs().mean()  # noqa: E731
+    labels = [plain[i][1] for i in range(len(plain))]
+    assert sorted(labels) == [0, 0, 0, 1, 1, 1]
+    # sigma is drawn in (0.1, 2]: a draw near 0.1 hardly blurs, so the smoothing is asserted on
+    # the negatives together, under a fixed seed
+    torch.manual_seed(0)
+    ratio = sum(tv(blurred[i][0]) for i in range(6) if labels[i] == 0) / sum(tv(plain[i][0]) for i in range(6) if labels[i] == 0)
+    assert ratio < 0.8
+    assert all(torch.equal(blurred[i][0], plain[i][0]) for i in range(6) if labels[i] == 1)
+    # the same on a device batch: only the rows labelled 0 are smoothed
+    x = _gray_batch()
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    out = BatchAugment(neg, 32)(x, y) * 255
+    assert sum(tv(out[i]) for i in (0, 2, 5)) < 0.8 * sum(tv(x[i]) for i in (0, 2, 5))
+    assert all(torch.equal(out[i], x[i].float()) for i in (1, 3, 4))
+    with pytest.raises(ValueError, match="needs the batch's labels"):
+        BatchAugment(neg, 32)(x)
+    for bad, msg in (({"neg_blur_p": 1.5}, "neg_blur_p is a probability"), ({"neg_blur": -1.0}, "neg_blur is a maximum sigma"),
+                     ({"blur_p": -0.1}, "blur_p is a probability")):
+        with pytest.raises(ConfigError, match=msg):
+            AugmentConfig.from_dict(bad)
+
+
 def test_normalize_and_hsv():
     x = torch.tensor([[[255]], [[0]], [[0]]], dtype=torch.uint8)  # pure red
     assert torch.allclose(rgb_to_hsv(x.float() / 255).flatten(), torch.tensor([0.0, 1.0, 1.0]))

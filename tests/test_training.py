@@ -289,6 +289,8 @@ def test_grid_picks_the_better_trial(dataset, tmp_path):
     (["--mixup", "nan"], "--mixup must be"),
     (["--augment", "erase=2"], "erase is a probability in [0, 1]"),
     (["--augment", "erase=nan"], "erase is a probability in [0, 1]"),
+    (["--augment", "neg_blur_p=2"], "neg_blur_p is a probability in [0, 1]"),
+    (["--augment", "neg_blur=-1"], "neg_blur is a maximum sigma"),
     (["--precision", "fp8"], "unknown --precision"),
 ])
 def test_bad_flags_give_clear_errors(dataset, tmp_path, capsys, argv, message):
@@ -458,7 +460,8 @@ def test_compile_flag_and_worker_defaults():
 
 def test_augment_on_device_trains_from_batches_kept_on_the_device(dataset, tmp_path, caplog):
     """--augment-on device (the CUDA default) runs on any device: the epochs train from
-    ``DeviceBatches`` through an augmenting prepare step, and the choice is logged and stored."""
+    ``DeviceBatches`` that augment each batch with its labels (``neg_blur`` here too), and the
+    choice is logged and stored."""
     import logging
 
     from deepcovid import training
@@ -467,21 +470,25 @@ def test_augment_on_device_trains_from_batches_kept_on_the_device(dataset, tmp_p
     real = training.train_one_epoch
 
     def spy(model, loader, *a, **kw):
-        seen.append((type(loader).__name__, kw["prepare"]))
+        seen.append(loader)
         return real(model, loader, *a, **kw)
 
+    cfg = {**FAST, "augment_on": "device", "augment": {"neg_blur": 2.0, "neg_blur_p": 0.5}}
     with caplog.at_level(logging.INFO, logger="deepcovid"), pytest.MonkeyPatch.context() as mp:
         mp.setattr(training, "train_one_epoch", spy)
-        res = fit({**resolve_config({**FAST, "augment_on": "device"}), "run_name": "dev"}, dataset, tmp_path)
-    assert [name for name, _ in seen] == ["DeviceBatches", "DeviceBatches"]
+        res = fit({**resolve_config(cfg), "run_name": "dev"}, dataset, tmp_path)
+    assert [type(loader).__name__ for loader in seen] == ["DeviceBatches", "DeviceBatches"]
     assert "augmented on the device" in caplog.text
     meta = json.loads((res.run_dir / "best.json").read_text())
     assert meta["config"]["augment_on"] == "device" and (res.run_dir / "best.safetensors").is_file()
-    # the prepare step augments: the same uint8 batch comes out differently twice
+    assert meta["config"]["augment"]["neg_blur"] == 2.0 and meta["config"]["augment"]["neg_blur_p"] == 0.5
+    # the loader's batches come augmented, as [0, 1] floats: the same uint8 batch differently twice
     x = torch.full((4, 3, 32, 32), 100, dtype=torch.uint8)
     x[:, :, 8:24, 8:24] = 200
-    prepare = seen[0][1]
-    assert prepare(x).shape == (4, 3, 32, 32) and not torch.equal(prepare(x), prepare(x))
+    augment, y = seen[0].augment, torch.tensor([0, 1, 0, 1])
+    assert augment(x, y).shape == (4, 3, 32, 32) and not torch.equal(augment(x, y), augment(x, y))
+    xb, _ = next(iter(seen[0]))
+    assert xb.dtype == torch.float32 and 0 <= float(xb.min()) and float(xb.max()) <= 1
 
 
 def test_augment_on_choices_are_checked(dataset, tmp_path, capsys):
