@@ -331,11 +331,13 @@ def main(argv=None) -> int:
         from deepcovid.errors import ConfigError
         from deepcovid.training import threshold_rule
 
+        usage = "--rethreshold takes a rule that picks a threshold on validation (val-f1 or recall=R)"
         try:
-            if threshold_rule({"threshold": args.rethreshold}) is not None:
-                raise ConfigError("it is a fixed threshold")
+            fixed = threshold_rule({"threshold": args.rethreshold})
         except ConfigError as exc:
-            p.error(f"--rethreshold takes a rule that picks a threshold on validation (val-f1 or recall=R): {exc}")
+            p.error(f"{usage}: {exc}")
+        if fixed is not None:
+            p.error(f"{usage}: {args.rethreshold} is a fixed threshold")
     if args.errors < 0:
         p.error(f"--errors takes a number of images, 0 or more; got {args.errors}")
     if args.summarize and (args.quick or args.out is None):
