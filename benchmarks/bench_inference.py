@@ -7,13 +7,15 @@
     parameter gradients on (``requires_grad=True``) and an input tensor that requires grad.
 
 (d) ``Predictor.predict`` and (e) ``explain`` without the activation maps are listed too, to show
-where (b)'s time goes. Image decoding is excluded from all rows
+where (b)'s time goes, and (f) the bare forward of the checkpoint's own modules: (a) and (b) run
+the model as the ``Predictor`` serves it, with BatchNorm folded into the convolutions
+(``deepcovid/bnfold.py``); (c) and (f) run it as the checkpoint rebuilds it. Image decoding is excluded from all rows
 (the image is decoded once up front); (b) includes drawing the heat map and overlay at the
 original image's size.
 
 A second table compares the CPU speed options of ``Predictor.predict`` (``precision`` x
 ``backend`` x memory layout) in the same run: median latency of one image, the ratio to fp32
-eager NCHW (the pre-optimisation path), and the largest |probability difference| from fp32 eager
+eager NCHW with BatchNorm unfolded (the pre-optimisation path), and the largest |probability difference| from fp32 eager
 NCHW over the test images (tolerance 1e-3 for fp32 variants, 1e-2 for bf16). A variant is worth
 adopting only if it is both faster and within tolerance. Below it, the Grad-CAM agreement of the
 channels_last model, and of bf16 autocast (why ``explain`` stays float32 under bf16).
@@ -117,7 +119,11 @@ def build(quick: bool, arch: str, size: int | None, weights: str, threads: int |
         "input_size": int(size or (64 if quick else dc.input_size)), "mean": list(dc.mean), "std": list(dc.std),
         "color_space": "rgb", "threshold": 0.5, "val_metrics": {}, "run": f"bench-{weights}",
     }
-    return Predictor(model, meta, device="cpu", num_threads=threads), model
+    unfolded = copy.deepcopy(model)  # the checkpoint's modules; the Predictor folds its model in place
+    predictor = Predictor(model, meta, device="cpu", num_threads=threads)
+    unfolded.eval().requires_grad_(False)
+    unfolded.to(memory_format=torch.channels_last if predictor.channels_last else torch.contiguous_format)
+    return predictor, model, unfolded
 
 
 def run_benchmark(quick: bool = False, arch: str = "efficientnet_lite0", size: int | None = None,
@@ -131,7 +137,7 @@ def run_benchmark(quick: bool = False, arch: str = "efficientnet_lite0", size: i
     weights = weights or ("none" if quick else "imagenet")
     reps = reps or (3 if quick else 30)
     warmup = warmup if warmup is not None else (1 if quick else 5)
-    predictor, model = build(quick, arch, size, weights, threads, tta)
+    predictor, model, unfolded = build(quick, arch, size, weights, threads, tta)
     if image is None:
         image, source = find_image()
     else:
@@ -139,17 +145,22 @@ def run_benchmark(quick: bool = False, arch: str = "efficientnet_lite0", size: i
     prepared = predictor.prepare(image)  # decoded once: decoding is not what is measured
     x = prepared.tensor
 
-    # (a) the floor
+    # (a) the floor: the served (folded) model
     def bare():
         with torch.inference_mode():
             return model(x)
+
+    # (f) the same forward on the checkpoint's modules
+    def bare_unfolded():
+        with torch.inference_mode():
+            return unfolded(x)
 
     # (b) ours
     def ours():
         return predictor.explain(prepared, cam_method="gradcam", activations=True)
 
-    # (c) the usual recipe, on an independent copy of the same weights with gradients on
-    plain = copy.deepcopy(model).eval().requires_grad_(True)
+    # (c) the usual recipe, on an independent copy of the checkpoint's model with gradients on
+    plain = copy.deepcopy(unfolded).eval().requires_grad_(True)
     plain.tta = "none"  # the recipe makes the views itself (grad-cam needs one output per view)
     layers = [plain.backbone.get_submodule(n) for n in predictor.cam_layer_names]
 
@@ -171,11 +182,12 @@ def run_benchmark(quick: bool = False, arch: str = "efficientnet_lite0", size: i
         "reps": reps, "rows": [],
     }
     rows = [
-        ("(a) bare forward, inference_mode", bare),
+        ("(a) bare forward, inference_mode (served: BatchNorm folded)", bare),
         ("(b) Predictor.explain (pred+Grad-CAM+overlay+activations)", ours),
         ("(c) plain grad-cam recipe (fwd + GradCAM, param+input grads)", recipe),
         ("(d) Predictor.predict (reference)", predict_only),
         ("(e) Predictor.explain without the activation maps", lambda: predictor.explain(prepared, cam_method="gradcam")),
+        ("(f) bare forward, the checkpoint's modules (BatchNorm unfolded)", bare_unfolded),
     ]
     for (name, _), ms in zip(rows, median_ms([fn for _, fn in rows], reps, warmup)):
         results["rows"].append({"name": name, "ms": ms})
@@ -190,11 +202,13 @@ def run_benchmark(quick: bool = False, arch: str = "efficientnet_lite0", size: i
 # ---------------------------------------------------------------------------------------
 
 # (key, label, Predictor keyword arguments, tolerance on |probability - fp32 eager NCHW|)
+# Rows without fold_bn fold BatchNorm, as the Predictor does by default.
 VARIANTS = [
-    ("fp32", "fp32 eager NCHW (baseline)", dict(precision="fp32", channels_last=False), 1e-3),
-    ("cl", "fp32 eager channels_last", dict(precision="fp32", channels_last=True), 1e-3),
-    ("bf16", "bf16 eager NCHW", dict(precision="bf16", channels_last=False), 1e-2),
-    ("bf16_cl", "bf16 eager channels_last", dict(precision="bf16", channels_last=True), 1e-2),
+    ("fp32", "fp32 eager NCHW (baseline)", dict(precision="fp32", channels_last=False, fold_bn=False), 1e-3),
+    ("cl", "fp32 eager channels_last", dict(precision="fp32", channels_last=True, fold_bn=False), 1e-3),
+    ("cl_fold", "fp32 channels_last+BN fold (default)", dict(precision="fp32", channels_last=True), 1e-3),
+    ("bf16", "bf16 eager NCHW+BN fold", dict(precision="bf16", channels_last=False), 1e-2),
+    ("bf16_cl", "bf16 channels_last+BN fold", dict(precision="bf16", channels_last=True), 1e-2),
     ("compile", "fp32 torch.compile (freezing)", dict(precision="fp32", backend="compile"), 1e-3),
     ("compile_bf16", "bf16 torch.compile (freezing)", dict(precision="bf16", backend="compile"), 1e-2),
     ("onnx", "fp32 onnxruntime", dict(precision="fp32", backend="onnx"), 1e-3),
@@ -223,7 +237,7 @@ def run_variants(quick: bool = False, arch: str = "efficientnet_lite0", size: in
     warmup = warmup if warmup is not None else (1 if quick else 3)
     n_images = n_images or (4 if quick else 16)
     compile = (not quick) if compile is None else compile
-    base_predictor, model = build(quick, arch, size, weights, threads)
+    base_predictor, _, model = build(quick, arch, size, weights, threads)  # the unfolded model
     state = copy.deepcopy(model.state_dict())
     if images is None:
         images, source = find_images(n_images)
@@ -268,7 +282,7 @@ def run_variants(quick: bool = False, arch: str = "efficientnet_lite0", size: in
     # Grad-CAM agreement with the fp32 NCHW eager explanation (predicted class).
     by_key = {row["key"]: p for row, p in built}
     ref_cams = [ref.explain(q).cam for q in prepared]
-    checks = [("fp32 channels_last (adopted)", by_key.get("cl"), None)]
+    checks = [("fp32 channels_last + BatchNorm folded (adopted)", by_key.get("cl_fold"), None)]
     if "bf16_cl" in by_key:
         checks.append(("bf16 autocast (not adopted: explain stays fp32)", by_key["bf16_cl"], torch.bfloat16))
     for label, p, force in checks:
@@ -291,14 +305,14 @@ def format_variants(res: dict) -> str:
         f"Predictor.predict speed options: {res['arch']} @ {res['input_size']} px, weights={res['weights']}, "
         f"CPU threads={res['threads']}, one image per call, median of {res['reps']} (interleaved); "
         f"max |dprob| vs fp32 eager NCHW over {res['source']}",
-        f"{'variant':<34}{'build s':>9}{'median ms':>11}{'x fp32':>8}{'max |dprob|':>13}{'tol':>8}"
+        f"{'variant':<38}{'build s':>9}{'median ms':>11}{'x fp32':>8}{'max |dprob|':>13}{'tol':>8}"
         f"{'in tol':>8}{'faster':>8}",
     ]
     for r in res["rows"]:
         if r["ms"] is None:
-            lines.append(f"{r['name']:<34}  {r['error']}")
+            lines.append(f"{r['name']:<38}  {r['error']}")
             continue
-        lines.append(f"{r['name']:<34}{r['build_s']:>9.2f}{r['ms']:>11.2f}{r['ratio']:>8.2f}{r['max_dprob']:>13.2e}"
+        lines.append(f"{r['name']:<38}{r['build_s']:>9.2f}{r['ms']:>11.2f}{r['ratio']:>8.2f}{r['max_dprob']:>13.2e}"
                      f"{r['tol']:>8.0e}{('yes' if r['within_tol'] else 'NO'):>8}"
                      f"{('yes' if r['faster'] else 'no'):>8}")
     for c in res["cam"]:

@@ -21,6 +21,9 @@ Speed options (``Predictor(..., precision=..., backend=...)``, CLI ``--precision
 
 * the model and its inputs are always ``channels_last`` on CPU and CUDA (oneDNN's fast layout;
   the same numbers as NCHW to float rounding);
+* every BatchNorm is folded into the convolution before it (``bnfold``; ``fold_bn=False`` keeps
+  them), except where the CAM and activation layers read, so their maps are the checkpoint's;
+  predictions and explanations both run the folded model (the same numbers to float rounding);
 * ``precision``: ``"auto"`` (default) and ``"fp32"``: float32 on every device, on CUDA with
   TF32 off, so a GPU gives the CPU's probabilities (``auto`` autocast on CUDA until 2026-11-26:
   on an H100 its probabilities were 0.022 from the CPU's, TF32 float32's 1.3e-3); ``"bf16"``
@@ -152,11 +155,13 @@ class Predictor:
     def __init__(self, model: torch.nn.Module, meta: dict, *, device: str | torch.device = "auto",
                  path: str | os.PathLike | None = None, num_threads: int | None = None,
                  cam_layers: Sequence[str] | None = None, precision: str = "auto", backend: str = "eager",
-                 channels_last: bool | None = None):
+                 channels_last: bool | None = None, fold_bn: bool = True):
         """``cam_layers``: dotted backbone layer names to explain (default: the registry's).
         ``precision``: one of :data:`PRECISIONS`; ``backend``: one of :data:`BACKENDS` (see the
         module docstring). ``channels_last``: None (default) = on for CPU and CUDA; False keeps
-        NCHW (the benchmark's baseline)."""
+        NCHW (the benchmark's baseline). ``fold_bn``: fold BatchNorm into the convolutions
+        (default; ``False`` serves the checkpoint's modules as they are, the benchmark's baseline).
+        The model is changed in place."""
         from .models import get_spec
 
         self.precision = check_precision(precision)
@@ -212,14 +217,17 @@ class Predictor:
             torch.set_num_threads(max(1, min(int(num_threads or free), free)))
         model = model.eval()
         model.requires_grad_(False)  # inference never needs parameter gradients (see GraphCut)
+        self.cam_layer_names: tuple[str, ...] = tuple(cam_layers or self.spec.cam_layers)
+        self.activation_layer_names: tuple[str, ...] = tuple(self.spec.activation_layers)
+        self.fold_bn = bool(fold_bn)
+        self.fold_report = self._fold_batchnorm(model) if self.fold_bn else None
+        self._folded_convs = {id(model.get_submodule(c)) for c, _ in (self.fold_report.pairs if self.fold_bn else ())}
         # channels_last: oneDNN's (and cuDNN's) fast convolution layout; same numbers as NCHW.
         self.channels_last = self.device.type in ("cpu", "cuda") if channels_last is None else bool(channels_last)
         model = model.to(self.device, memory_format=torch.channels_last if self.channels_last
                          else torch.contiguous_format)  # explicit: the model may come in either layout
         self.model = model
         self._lock = threading.RLock()
-        self.cam_layer_names: tuple[str, ...] = tuple(cam_layers or self.spec.cam_layers)
-        self.activation_layer_names: tuple[str, ...] = tuple(self.spec.activation_layers)
         self._cam_layers = [camlib.resolve_layer(self.model.backbone, n) for n in self.cam_layer_names]
         self._cam_view = camlib.InferenceView(self.model)
         # The checkpoint's test-time augmentation: the model applies it in predictions; explanations
@@ -237,7 +245,8 @@ class Predictor:
     def from_checkpoint(cls, spec: str | os.PathLike = "best", checkpoints_dir: str | os.PathLike = "checkpoints",
                         device: str | torch.device = "auto", num_threads: int | None = None,
                         cam_layers: Sequence[str] | None = None, precision: str = "auto",
-                        backend: str = "eager", channels_last: bool | None = None) -> "Predictor":
+                        backend: str = "eager", channels_last: bool | None = None,
+                        fold_bn: bool = True) -> "Predictor":
         """``spec``: a .safetensors file, a run folder, or 'best' (highest val F1 under ``checkpoints_dir``).
         ``precision`` (:data:`PRECISIONS`) and ``backend`` (:data:`BACKENDS`): see the module docstring."""
         from .checkpoint import load_checkpoint
@@ -247,7 +256,19 @@ class Predictor:
         loaded = load_checkpoint(spec, checkpoints_dir)
         model = loaded.build_model()
         return cls(model, loaded.meta, device=device, path=loaded.path, num_threads=num_threads,
-                   cam_layers=cam_layers, precision=precision, backend=backend, channels_last=channels_last)
+                   cam_layers=cam_layers, precision=precision, backend=backend, channels_last=channels_last,
+                   fold_bn=fold_bn)
+
+    def _fold_batchnorm(self, model: torch.nn.Module):
+        """Fold BatchNorm into the convolutions before it (``bnfold``), in place, except where the
+        CAM and activation layers read: their outputs stay the checkpoint's."""
+        from .bnfold import fold_batchnorm
+
+        keep = tuple(camlib.resolve_layer(model.backbone, n)
+                     for n in (*self.cam_layer_names, *self.activation_layer_names))
+        gen = torch.Generator().manual_seed(0)
+        example = torch.randn(1, 3, self.input_size, self.input_size, generator=gen)
+        return fold_batchnorm(model, example.to(next(model.parameters()).device), keep=keep)
 
     # --- fast predict backends --------------------------------------------------------------
     def _example_input(self, batch: int = 1) -> torch.Tensor:
@@ -444,7 +465,15 @@ class Predictor:
         # Drawn one after the other: in worker threads, the grids' few torch ops each start an
         # OpenMP team whose spinning threads slowed the model's own forward passes 1.7x (measured
         # with benchmarks/bench_inference.py on this 2-core machine).
-        return [(n, camlib.activation_grid(recorded[n], n, channels=channels.get(n))) for n in names if n in recorded]
+        return [(n, camlib.activation_grid(recorded[n], self._layer_label(n), channels=channels.get(n)))
+                for n in names if n in recorded]
+
+    def _layer_label(self, name: str) -> str:
+        """A layer's title on its grid; a convolution whose BatchNorm was folded into it now
+        outputs the normalised map, and says so."""
+        if id(camlib.resolve_layer(self.model.backbone, name)) in self._folded_convs:
+            return f"{name} (+BatchNorm, folded)"
+        return name
 
     def _run_cam(self, x: torch.Tensor, method: str, target_index: int | None, act_names: list[str]):
         """One forward + one backward, under the lock: (cam (S,S), logits (1,K'), class index,

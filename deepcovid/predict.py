@@ -59,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="eager (default), compile (torch.compile: tens of seconds to start, needs a C++ "
                              "compiler) or onnx (onnxruntime on the CPU, float32). Only --no-cam predictions use it; "
                              "explanations always run eagerly")
+    parser.add_argument("--no-fold-bn", action="store_true",
+                        help="serve the checkpoint's BatchNorm layers as they are instead of folding them into the "
+                             "convolutions before them (folding is the default: the same probabilities to float "
+                             "rounding, 1.2-1.5x faster on a CPU)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -201,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
         backend = "eager"
     predictor = Predictor.from_checkpoint(args.checkpoint, args.checkpoints_dir, device=args.device,
                                           num_threads=args.threads, precision=getattr(args, "precision", "auto"),
-                                          backend=backend)
+                                          backend=backend, fold_bn=not getattr(args, "no_fold_bn", False))
     if args.target is not None:
         predictor.class_index(args.target)  # ConfigError now, not one per image
     if not args.no_cam and args.cam in SLOW_CAM_METHODS:

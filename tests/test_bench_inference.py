@@ -30,10 +30,10 @@ def test_quick_benchmark_prints_the_table(capsys):
     assert "efficientnet_lite0 @ 32 px" in out
     rows = {}
     for line in out.splitlines():
-        m = re.match(r"^\((a|b|c|d|e)\) .*?\s+([0-9.]+)\s+([0-9.]+)$", line)
+        m = re.match(r"^\((a|b|c|d|e|f)\) .*?\s+([0-9.]+)\s+([0-9.]+)$", line)
         if m:
             rows[m.group(1)] = (float(m.group(2)), float(m.group(3)))
-    assert set(rows) == {"a", "b", "c", "d", "e"}, out
+    assert set(rows) == {"a", "b", "c", "d", "e", "f"}, out
     for ms, ratio in rows.values():
         assert ms > 0 and ratio > 0
     assert rows["a"][1] == 1.0
@@ -60,7 +60,7 @@ def test_quick_speed_options_table(capsys):
     assert list(rows) == [k for k, *_ in bench.VARIANTS]
     assert rows["fp32"]["ratio"] == 1.0 and rows["fp32"]["max_dprob"] == 0.0
     assert rows["compile"]["ms"] is None and "skipped" in rows["compile"]["error"]
-    for key in ("cl", "bf16", "bf16_cl"):
+    for key in ("cl", "cl_fold", "bf16", "bf16_cl"):
         r = rows[key]
         assert r["ms"] > 0 and r["ratio"] > 0 and r["within_tol"], r
     if rows["onnx"]["ms"] is not None:
@@ -80,9 +80,10 @@ def test_quick_benchmark_of_a_flip_tta_model_runs_both_views_in_every_row(monkey
     build = bench.build
 
     def spy_build(*args, **kwargs):
-        predictor, model = build(*args, **kwargs)
-        model.backbone.register_forward_pre_hook(lambda _m, inp: batches.append(inp[0].shape[0]))
-        return predictor, model
+        predictor, model, unfolded = build(*args, **kwargs)
+        for m in (model, unfolded):
+            m.backbone.register_forward_pre_hook(lambda _m, inp: batches.append(inp[0].shape[0]))
+        return predictor, model, unfolded
 
     monkeypatch.setattr(bench, "build", spy_build)
     threads = torch.get_num_threads()
@@ -91,7 +92,7 @@ def test_quick_benchmark_of_a_flip_tta_model_runs_both_views_in_every_row(monkey
     finally:
         torch.set_num_threads(threads)
     assert res["tta"] == "hflip" and "tta=hflip" in bench.format_table(res)
-    assert len(res["rows"]) == 5 and all(r["ms"] > 0 for r in res["rows"])
+    assert len(res["rows"]) == 6 and all(r["ms"] > 0 for r in res["rows"])
     assert batches and set(batches) == {2}, batches
 
 
