@@ -23,6 +23,7 @@ channels_last model, and of bf16 autocast (why ``explain`` stays float32 under b
     python benchmarks/bench_inference.py            # efficientnet_lite0 @ 224, ImageNet weights
     python benchmarks/bench_inference.py --quick    # seconds: random init @ 64 px, no torch.compile (CI)
     python benchmarks/bench_inference.py --no-variants --tta hflip   # the first table for a flip-TTA model
+    python benchmarks/bench_inference.py --no-variants --checkpoint best   # a trained checkpoint, as served
 
 With ``--tta hflip`` the model is the one a ``--tta hflip`` checkpoint serves: (a) is its own
 forward (the image and its mirror as one batch, mean probability), (b) explains both views as
@@ -105,20 +106,30 @@ def median_ms(fns, reps: int, warmup: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def build(quick: bool, arch: str, size: int | None, weights: str, threads: int | None = None, tta: str = "none"):
+def build(quick: bool, arch: str, size: int | None, weights: str, threads: int | None = None, tta: str = "none",
+          checkpoint: str | None = None, checkpoints_dir: str = "checkpoints"):
+    """(the Predictor, its model (BatchNorm folded in place), an unfolded copy). With
+    ``checkpoint`` the model, its size and its test-time augmentation are the checkpoint's."""
     from deepcovid.inference import Predictor
     from deepcovid.models import build_model, check_tta, get_spec
 
-    spec = get_spec(arch)
-    torch.manual_seed(0)
-    model = build_model(arch, 2, weights=weights)
-    model.tta = check_tta(tta)  # as build_from_meta sets it from a checkpoint
-    dc = spec.data_config
-    meta = {
-        "arch": arch, "classes": ["NORMAL", "PNEUMONIA"], "positive_class": "PNEUMONIA", "num_outputs": 1,
-        "input_size": int(size or (64 if quick else dc.input_size)), "mean": list(dc.mean), "std": list(dc.std),
-        "color_space": "rgb", "threshold": 0.5, "val_metrics": {}, "run": f"bench-{weights}",
-    }
+    if checkpoint is not None:
+        from deepcovid.checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(checkpoint, checkpoints_dir)
+        model, meta = loaded.build_model(), dict(loaded.meta)
+        meta["run"] = str(loaded.path)
+    else:
+        spec = get_spec(arch)
+        torch.manual_seed(0)
+        model = build_model(arch, 2, weights=weights)
+        model.tta = check_tta(tta)  # as build_from_meta sets it from a checkpoint
+        dc = spec.data_config
+        meta = {
+            "arch": arch, "classes": ["NORMAL", "PNEUMONIA"], "positive_class": "PNEUMONIA", "num_outputs": 1,
+            "input_size": int(size or (64 if quick else dc.input_size)), "mean": list(dc.mean), "std": list(dc.std),
+            "color_space": "rgb", "threshold": 0.5, "val_metrics": {}, "run": f"bench-{weights}",
+        }
     unfolded = copy.deepcopy(model)  # the checkpoint's modules; the Predictor folds its model in place
     predictor = Predictor(model, meta, device="cpu", num_threads=threads)
     unfolded.eval().requires_grad_(False)
@@ -128,7 +139,8 @@ def build(quick: bool, arch: str, size: int | None, weights: str, threads: int |
 
 def run_benchmark(quick: bool = False, arch: str = "efficientnet_lite0", size: int | None = None,
                   weights: str | None = None, reps: int | None = None, warmup: int | None = None,
-                  image=None, threads: int | None = None, tta: str = "none") -> dict:
+                  image=None, threads: int | None = None, tta: str = "none", checkpoint: str | None = None,
+                  checkpoints_dir: str = "checkpoints") -> dict:
     from pytorch_grad_cam import GradCAM
 
     from deepcovid.cam import LogitTarget
@@ -137,7 +149,9 @@ def run_benchmark(quick: bool = False, arch: str = "efficientnet_lite0", size: i
     weights = weights or ("none" if quick else "imagenet")
     reps = reps or (3 if quick else 30)
     warmup = warmup if warmup is not None else (1 if quick else 5)
-    predictor, model, unfolded = build(quick, arch, size, weights, threads, tta)
+    predictor, model, unfolded = build(quick, arch, size, weights, threads, tta, checkpoint, checkpoints_dir)
+    if checkpoint is not None:
+        arch, weights, tta = f"{predictor.arch} ({predictor.meta['run']})", "checkpoint", predictor.tta
     if image is None:
         image, source = find_image()
     else:
@@ -227,7 +241,7 @@ def _cam_agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 def run_variants(quick: bool = False, arch: str = "efficientnet_lite0", size: int | None = None,
                  weights: str | None = None, reps: int | None = None, warmup: int | None = None,
                  threads: int | None = None, n_images: int | None = None, compile: bool | None = None,
-                 images=None) -> dict:
+                 images=None, checkpoint: str | None = None, checkpoints_dir: str = "checkpoints") -> dict:
     """Every speed option of ``Predictor.predict`` against fp32 eager NCHW, in one run."""
     from deepcovid.errors import DeepCovidError
     from deepcovid.inference import Predictor
@@ -237,7 +251,10 @@ def run_variants(quick: bool = False, arch: str = "efficientnet_lite0", size: in
     warmup = warmup if warmup is not None else (1 if quick else 3)
     n_images = n_images or (4 if quick else 16)
     compile = (not quick) if compile is None else compile
-    base_predictor, _, model = build(quick, arch, size, weights, threads)  # the unfolded model
+    base_predictor, _, model = build(quick, arch, size, weights, threads, checkpoint=checkpoint,
+                                     checkpoints_dir=checkpoints_dir)  # the unfolded model
+    if checkpoint is not None:
+        arch, weights = f"{base_predictor.arch} ({base_predictor.meta['run']})", "checkpoint"
     state = copy.deepcopy(model.state_dict())
     if images is None:
         images, source = find_images(n_images)
@@ -353,13 +370,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-variants", action="store_true", help="only the explain-vs-bare-forward table")
     ap.add_argument("--tta", default="none", choices=TTA_CHOICES,
                     help="test-time augmentation of the first table's model (default: none)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="measure a trained checkpoint instead (a .safetensors file, a run folder, or 'best' under "
+                         "--checkpoints-dir), at its own input size and test-time augmentation, e.g. the preset's "
+                         "ensemble; --arch, --size, --weights and --tta do not apply")
+    ap.add_argument("--checkpoints-dir", default="checkpoints", help="where 'best' is looked up (default: checkpoints)")
     args = ap.parse_args(argv)
-    res = run_benchmark(quick=args.quick, arch=args.arch, size=args.size, weights=args.weights, reps=args.reps,
-                        warmup=args.warmup, threads=args.threads, tta=args.tta)
+    if args.checkpoint is not None:
+        given = [f for f, v in (("--size", args.size), ("--weights", args.weights)) if v is not None]
+        given += ["--tta"] if args.tta != "none" else []
+        given += ["--arch"] if args.arch != "efficientnet_lite0" else []
+        if given:
+            ap.error(f"{', '.join(given)} cannot be combined with --checkpoint (the checkpoint fixes them)")
+    from deepcovid.errors import DeepCovidError
+
+    try:
+        res = run_benchmark(quick=args.quick, arch=args.arch, size=args.size, weights=args.weights, reps=args.reps,
+                            warmup=args.warmup, threads=args.threads, tta=args.tta, checkpoint=args.checkpoint,
+                            checkpoints_dir=args.checkpoints_dir)
+    except DeepCovidError as exc:  # a missing or refused checkpoint, unavailable weights: no traceback
+        print(f"bench_inference: error: {exc}", file=sys.stderr)
+        return 2
     print(format_table(res), flush=True)
     if not args.no_variants:
         var = run_variants(quick=args.quick, arch=args.arch, size=args.size, weights=args.weights, reps=args.reps,
-                           warmup=args.warmup, threads=args.threads, n_images=args.images, compile=args.compile)
+                           warmup=args.warmup, threads=args.threads, n_images=args.images, compile=args.compile,
+                           checkpoint=args.checkpoint, checkpoints_dir=args.checkpoints_dir)
         print()
         print(format_variants(var))
     return 0

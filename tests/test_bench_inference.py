@@ -105,3 +105,26 @@ def test_bad_tta_flag_is_a_usage_error(capsys):
     else:
         raise AssertionError("--tta vflip was accepted")
     assert "--tta: invalid choice: 'vflip'" in capsys.readouterr().err
+
+
+def test_quick_benchmark_of_a_checkpoint_uses_its_model_size_and_views(tiny_checkpoint, tmp_path, capsys):
+    bench = load_bench()
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--quick", "--reps", "2", "--warmup", "0", "--no-variants",
+                           "--checkpoint", str(tiny_checkpoint)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert f"model efficientnet_lite0 ({tiny_checkpoint}" in out and "@ 64 px, weights=checkpoint" in out
+    assert len([ln for ln in out.splitlines() if re.match(r"^\([a-f]\) ", ln)]) == 6
+    # a missing checkpoint is a clear error, not a traceback; flags the checkpoint fixes are refused
+    assert bench.main(["--quick", "--no-variants", "--checkpoint", str(tmp_path / "nothing")]) == 2
+    assert "bench_inference: error:" in capsys.readouterr().err
+    try:
+        bench.main(["--quick", "--checkpoint", str(tiny_checkpoint), "--size", "96"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("--size with --checkpoint was accepted")
+    assert "cannot be combined with --checkpoint" in capsys.readouterr().err
