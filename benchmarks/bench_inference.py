@@ -7,16 +7,17 @@
     parameter gradients on (``requires_grad=True``) and an input tensor that requires grad.
 
 (d) ``Predictor.predict`` and (e) ``explain`` without the activation maps are listed too, to show
-where (b)'s time goes, and (f) the bare forward of the checkpoint's own modules: (a) and (b) run
-the model as the ``Predictor`` serves it, with BatchNorm folded into the convolutions
-(``deepcovid/bnfold.py``); (c) and (f) run it as the checkpoint rebuilds it. Image decoding is excluded from all rows
-(the image is decoded once up front); (b) includes drawing the heat map and overlay at the
-original image's size.
+where (b)'s time goes, and (f) the bare forward of the checkpoint's own modules: (a), (b), (d)
+and (e) run the model as the ``Predictor`` serves it, with BatchNorm folded into the
+convolutions (``deepcovid/bnfold.py``); (c) and (f) run it as the checkpoint rebuilds it. Image
+decoding is excluded from all rows (the image is decoded once up front); (b) includes drawing
+the heat map and overlay at the original image's size.
 
 A second table compares the CPU speed options of ``Predictor.predict`` (``precision`` x
-``backend`` x memory layout) in the same run: median latency of one image, the ratio to fp32
-eager NCHW with BatchNorm unfolded (the pre-optimisation path), and the largest |probability difference| from fp32 eager
-NCHW over the test images (tolerance 1e-3 for fp32 variants, 1e-2 for bf16). A variant is worth
+``backend`` x memory layout x BatchNorm folding) in the same run: median latency of one image,
+the ratio to fp32 eager NCHW with BatchNorm unfolded (the pre-optimisation path), and the
+largest |probability difference| from it over the test images (tolerance 1e-3 for fp32
+variants, 1e-2 for bf16). A variant is worth
 adopting only if it is both faster and within tolerance. Below it, the Grad-CAM agreement of the
 channels_last model, and of bf16 autocast (why ``explain`` stays float32 under bf16).
 

@@ -4,8 +4,9 @@ In eval mode a BatchNorm layer is a fixed per-channel affine map, so ``bn(conv(x
 convolution with rescaled weights and a bias (``torch.nn.utils.fusion.fuse_conv_bn_eval`` does
 the arithmetic). On a CPU the BatchNorm pass over every activation is a large share of an
 eager forward of a small network: folding made EfficientNet-Lite0's channels_last forward
-1.2-1.3x faster on this project's 2-core CPU (``benchmarks/bench_inference.py``), with
-probabilities within about 1e-5 of the unfolded model's. ``torch.compile`` with freezing and
+1.2-1.3x faster on this project's 2-core CPU, and ``Predictor.predict`` 1.8-2x (where the
+unfolded BatchNorm ran on channels_last inputs), with probabilities within 1e-6 of the unfolded
+model's on real X-rays (``benchmarks/bench_inference.py``). ``torch.compile`` with freezing and
 ONNX Runtime fold BatchNorm too, but only for the prediction; this keeps the eager model, so
 ``explain`` (hooks and autograd) gets the speed as well.
 
@@ -141,35 +142,43 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, keep: tuple[nn.Modul
     outputs must stay as they are (the layers Grad-CAM and the activation maps read): a pair
     with either of them in ``keep`` is not folded. Returns what was done; on a failed check the
     model is exactly as it was."""
-    if model.training:
-        raise ValueError("fold_batchnorm needs a model in eval mode")
+    if any(m.training for m in model.modules()):
+        raise ValueError("fold_batchnorm needs a model in eval mode (all of its modules)")
     keep_ids = {id(m) for m in keep}
     candidates, reference = _find_pairs(model, example)
     report = FoldReport()
     replaced: list[tuple[str, nn.Module]] = []
-    with torch.no_grad():
-        for conv_name, bn_name in candidates:
-            conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-            if id(conv) in keep_ids or id(bn) in keep_ids:
-                report.kept.append((conv_name, bn_name))
-                continue
-            if bn.running_mean is None or bn.running_var is None:
-                continue
-            fused = fuse_conv_bn_eval(conv, bn)
-            fused.weight.requires_grad_(conv.weight.requires_grad)
-            fused.bias.requires_grad_(conv.weight.requires_grad)
-            replaced.append((conv_name, _set(model, conv_name, fused)))
-            replaced.append((bn_name, _set(model, bn_name, _after_fold(bn))))
-            report.pairs.append((conv_name, bn_name))
-        if not report.pairs:
-            return report
-        got = _flat(model(example))
+
+    def put_back() -> None:
+        for name, old in reversed(replaced):
+            _set(model, name, old)
+
+    try:
+        with torch.no_grad():
+            for conv_name, bn_name in candidates:
+                conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+                if id(conv) in keep_ids or id(bn) in keep_ids:
+                    report.kept.append((conv_name, bn_name))
+                    continue
+                if bn.running_mean is None or bn.running_var is None:
+                    continue
+                fused = fuse_conv_bn_eval(conv, bn)
+                fused.weight.requires_grad_(conv.weight.requires_grad)
+                fused.bias.requires_grad_(conv.weight.requires_grad)
+                replaced.append((conv_name, _set(model, conv_name, fused)))
+                replaced.append((bn_name, _set(model, bn_name, _after_fold(bn))))
+                report.pairs.append((conv_name, bn_name))
+            if not report.pairs:
+                return report
+            got = _flat(model(example))
+    except BaseException:  # never leave a half-folded model behind
+        put_back()
+        raise
     want = _flat(reference)
     worst = max((float((g.float() - w.float()).abs().max()) / max(1.0, float(w.float().abs().max()))
                  for g, w in zip(got, want)), default=float("inf"))
     if len(got) != len(want) or not worst <= CHECK_TOLERANCE:
-        for name, old in reversed(replaced):
-            _set(model, name, old)
+        put_back()
         report.reverted = (f"folded outputs differ from the original's by {worst:.3g} (relative); "
                            "BatchNorm left unfolded")
         report.pairs = []

@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fold-bn", action="store_true",
                         help="serve the checkpoint's BatchNorm layers as they are instead of folding them into the "
                              "convolutions before them (folding is the default: the same probabilities to float "
-                             "rounding, 1.2-1.5x faster on a CPU)")
+                             "rounding, 1.2-2x faster on a CPU)")
 
 
 # ---------------------------------------------------------------------------------------

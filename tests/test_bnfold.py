@@ -114,6 +114,32 @@ def test_a_module_called_twice_is_not_folded_and_train_mode_is_refused():
     assert report.pairs == [] and report.reverted is None and isinstance(model.bn, nn.BatchNorm2d)
     with pytest.raises(ValueError, match="eval"):
         fold_batchnorm(model.train(), example(8))
+    resnet = randomise_batchnorm(torchvision.models.resnet18(weights=None))
+    resnet.layer2[0].bn1.train()  # one submodule left in training mode
+    with pytest.raises(ValueError, match="eval"):
+        fold_batchnorm(resnet, example())
+    assert len(batchnorms(resnet)) == 20
+
+
+def test_an_error_half_way_puts_every_module_back(monkeypatch):
+    import deepcovid.bnfold as bnfold
+
+    model = randomise_batchnorm(torchvision.models.resnet18(weights=None))
+    before = {n: m for n, m in model.named_modules()}
+    calls = []
+    real = bnfold.fuse_conv_bn_eval
+
+    def failing(conv, bn):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("disk on fire")
+        return real(conv, bn)
+
+    monkeypatch.setattr(bnfold, "fuse_conv_bn_eval", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        fold_batchnorm(model, example())
+    assert len(calls) == 5
+    assert {n: m for n, m in model.named_modules()} == before  # the very same module objects
 
 
 # --- in the Predictor ------------------------------------------------------------------------
