@@ -268,7 +268,9 @@ class Predictor:
                      for n in (*self.cam_layer_names, *self.activation_layer_names))
         gen = torch.Generator().manual_seed(0)
         example = torch.randn(1, 3, self.input_size, self.input_size, generator=gen)
-        return fold_batchnorm(model, example.to(next(model.parameters()).device), keep=keep)
+        device = next(model.parameters()).device
+        with ieee_float32(device):  # TF32 rounding would blur the fold's own check
+            return fold_batchnorm(model, example.to(device), keep=keep)
 
     # --- fast predict backends --------------------------------------------------------------
     def _example_input(self, batch: int = 1) -> torch.Tensor:
