@@ -379,8 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.checkpoint is not None:
         given = [f for f, v in (("--size", args.size), ("--weights", args.weights)) if v is not None]
-        given += ["--tta"] if args.tta != "none" else []
-        given += ["--arch"] if args.arch != "efficientnet_lite0" else []
+        given += [f"--{k}" for k in ("tta", "arch") if getattr(args, k) != ap.get_default(k)]
         if given:
             ap.error(f"{', '.join(given)} cannot be combined with --checkpoint (the checkpoint fixes them)")
     from deepcovid.errors import DeepCovidError

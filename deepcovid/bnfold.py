@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -33,6 +34,13 @@ __all__ = ["FoldReport", "fold_batchnorm"]
 # How far the folded model's outputs may move from the original's, relative to their size.
 # Folding changes only float rounding (~1e-6 here); a wrong fold moves outputs by O(1).
 CHECK_TOLERANCE = 1e-3
+
+# Exact types only: a subclass may do more in its forward than the fold carries over. timm's
+# Conv2dSame (TensorFlow 'same' padding, in the tf_ EfficientNets) pads its input, then convolves
+# with its own weight and bias, so a folded weight and bias carry over; BatchNormAct2d is
+# BatchNorm followed by its dropout and activation (ActAfterFold keeps those).
+_CONVS = (nn.Conv2d, Conv2dSame)
+_BATCHNORMS = (nn.BatchNorm2d, BatchNormAct2d)
 
 
 class ActAfterFold(nn.Module):
@@ -58,17 +66,9 @@ class FoldReport:
     reverted: str | None = None
 
 
-def _after_fold(bn: nn.Module) -> nn.Module | None:
-    """The module that replaces ``bn`` once folded, or None for a BatchNorm this cannot fold."""
-    if type(bn) is nn.BatchNorm2d:
-        return nn.Identity()
-    try:
-        from timm.layers import BatchNormAct2d
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return None
-    if type(bn) is BatchNormAct2d:
-        return ActAfterFold(bn.drop, bn.act)
-    return None
+def _after_fold(bn: nn.Module) -> nn.Module:
+    """The module that replaces ``bn`` (one of ``_BATCHNORMS``) once folded."""
+    return ActAfterFold(bn.drop, bn.act) if type(bn) is BatchNormAct2d else nn.Identity()
 
 
 def _find_pairs(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, str]], object]:
@@ -95,9 +95,9 @@ def _find_pairs(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, str]
     handles = []
     try:
         for name, m in model.named_modules():
-            if type(m) is nn.Conv2d or _same_padding_conv(m):
+            if type(m) in _CONVS:
                 handles.append(m.register_forward_hook(after_conv(name)))
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm) and _after_fold(m) is not None:
+            elif type(m) in _BATCHNORMS:
                 handles.append(m.register_forward_pre_hook(before_bn(name)))
         with torch.no_grad():
             out = model(x)
@@ -106,17 +106,6 @@ def _find_pairs(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, str]
             h.remove()
     # A module called twice (shared weights) would change both uses; leave it alone.
     return [(c, b) for c, b in pairs if calls.get(c) == 1 and calls.get(b) == 1], out
-
-
-def _same_padding_conv(m: nn.Module) -> bool:
-    """timm's ``Conv2dSame`` (TensorFlow 'same' padding, in the ``tf_`` EfficientNets): a Conv2d
-    that pads its input first and then convolves with the module's own weight and bias, so a
-    folded weight and bias carry over."""
-    try:
-        from timm.layers import Conv2dSame
-    except ImportError:  # pragma: no cover
-        return False
-    return type(m) is Conv2dSame
 
 
 def _flat(out) -> list[torch.Tensor]:

@@ -148,12 +148,12 @@ META = {"arch": "efficientnet_lite0", "classes": ["NORMAL", "PNEUMONIA"], "posit
         "num_outputs": 1, "input_size": 64, "color_space": "rgb", "threshold": 0.5, "val_metrics": {}}
 
 
-def predictor(fold_bn: bool, **kwargs) -> Predictor:
+def predictor(fold_bn: bool) -> Predictor:
     torch.manual_seed(0)
     model = randomise_batchnorm(build_model("efficientnet_lite0", 2, weights="none"))
     dc = get_spec("efficientnet_lite0").data_config
     meta = {**META, "mean": list(dc.mean), "std": list(dc.std)}
-    return Predictor(model, meta, device="cpu", num_threads=1, fold_bn=fold_bn, **kwargs)
+    return Predictor(model, meta, device="cpu", num_threads=1, fold_bn=fold_bn)
 
 
 @pytest.fixture(scope="module")
