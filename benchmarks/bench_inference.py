@@ -9,13 +9,14 @@
 (d) ``Predictor.predict`` and (e) ``explain`` without the activation maps are listed too, to show
 where (b)'s time goes, and (f) the bare forward of the checkpoint's own modules: (a), (b), (d)
 and (e) run the model as the ``Predictor`` serves it, with BatchNorm folded into the
-convolutions (``deepcovid/bnfold.py``); (c) and (f) run it as the checkpoint rebuilds it. Image
+convolutions (``deepcovid/bnfold.py``) and TensorFlow 'same' convolutions without their padding
+copy (``deepcovid/samepad.py``); (c) and (f) run it as the checkpoint rebuilds it. Image
 decoding is excluded from all rows (the image is decoded once up front); (b) includes drawing
 the heat map and overlay at the original image's size.
 
 A second table compares the CPU speed options of ``Predictor.predict`` (``precision`` x
-``backend`` x memory layout x BatchNorm folding) in the same run: median latency of one image,
-the ratio to fp32 eager NCHW with BatchNorm unfolded (the pre-optimisation path), and the
+``backend`` x memory layout x BatchNorm folding x padding) in the same run: median latency of one
+image, the ratio to fp32 eager NCHW with the checkpoint's modules (the pre-optimisation path), and the
 largest |probability difference| from it over the test images (tolerance 1e-3 for fp32
 variants, 1e-2 for bf16). A variant is worth
 adopting only if it is both faster and within tolerance. Below it, the Grad-CAM agreement of the
@@ -109,7 +110,8 @@ def median_ms(fns, reps: int, warmup: int) -> list[float]:
 
 def build(quick: bool, arch: str, size: int | None, weights: str, threads: int | None = None, tta: str = "none",
           checkpoint: str | None = None, checkpoints_dir: str = "checkpoints"):
-    """(the Predictor, its model (BatchNorm folded in place), an unfolded copy). With
+    """(the Predictor, its model (rewritten in place for serving: BatchNorm folded, no 'same'
+    padding copy), a copy of the checkpoint's modules as rebuilt). With
     ``checkpoint`` the model, its size and its test-time augmentation are the checkpoint's."""
     from deepcovid.inference import Predictor
     from deepcovid.models import build_model, check_tta, get_spec
@@ -197,12 +199,12 @@ def run_benchmark(quick: bool = False, arch: str = "efficientnet_lite0", size: i
         "reps": reps, "rows": [],
     }
     rows = [
-        ("(a) bare forward, inference_mode (served: BatchNorm folded)", bare),
+        ("(a) bare forward, inference_mode (served: BN folded, no pad copy)", bare),
         ("(b) Predictor.explain (pred+Grad-CAM+overlay+activations)", ours),
         ("(c) plain grad-cam recipe (fwd + GradCAM, param+input grads)", recipe),
         ("(d) Predictor.predict (reference)", predict_only),
         ("(e) Predictor.explain without the activation maps", lambda: predictor.explain(prepared, cam_method="gradcam")),
-        ("(f) bare forward, the checkpoint's modules (BatchNorm unfolded)", bare_unfolded),
+        ("(f) bare forward, the checkpoint's modules (as rebuilt)", bare_unfolded),
     ]
     for (name, _), ms in zip(rows, median_ms([fn for _, fn in rows], reps, warmup)):
         results["rows"].append({"name": name, "ms": ms})
@@ -217,11 +219,14 @@ def run_benchmark(quick: bool = False, arch: str = "efficientnet_lite0", size: i
 # ---------------------------------------------------------------------------------------
 
 # (key, label, Predictor keyword arguments, tolerance on |probability - fp32 eager NCHW|)
-# Rows without fold_bn fold BatchNorm, as the Predictor does by default.
+# Rows without fold_bn / unpad_same fold BatchNorm and drop the 'same' padding copy, as the
+# Predictor does by default; the first two serve the checkpoint's modules as they are.
+AS_IS = dict(fold_bn=False, unpad_same=False)
 VARIANTS = [
-    ("fp32", "fp32 eager NCHW (baseline)", dict(precision="fp32", channels_last=False, fold_bn=False), 1e-3),
-    ("cl", "fp32 eager channels_last", dict(precision="fp32", channels_last=True, fold_bn=False), 1e-3),
-    ("cl_fold", "fp32 channels_last+BN fold (default)", dict(precision="fp32", channels_last=True), 1e-3),
+    ("fp32", "fp32 eager NCHW (baseline)", dict(precision="fp32", channels_last=False, **AS_IS), 1e-3),
+    ("cl", "fp32 eager channels_last", dict(precision="fp32", channels_last=True, **AS_IS), 1e-3),
+    ("cl_fold", "fp32 channels_last+BN fold", dict(precision="fp32", channels_last=True, unpad_same=False), 1e-3),
+    ("cl_fold_unpad", "fp32 cl+BN fold+no pad copy (default)", dict(precision="fp32", channels_last=True), 1e-3),
     ("bf16", "bf16 eager NCHW+BN fold", dict(precision="bf16", channels_last=False), 1e-2),
     ("bf16_cl", "bf16 channels_last+BN fold", dict(precision="bf16", channels_last=True), 1e-2),
     ("compile", "fp32 torch.compile (freezing)", dict(precision="fp32", backend="compile"), 1e-3),
@@ -300,7 +305,7 @@ def run_variants(quick: bool = False, arch: str = "efficientnet_lite0", size: in
     # Grad-CAM agreement with the fp32 NCHW eager explanation (predicted class).
     by_key = {row["key"]: p for row, p in built}
     ref_cams = [ref.explain(q).cam for q in prepared]
-    checks = [("fp32 channels_last + BatchNorm folded (adopted)", by_key.get("cl_fold"), None)]
+    checks = [("fp32 channels_last + BatchNorm folded + no pad copy (adopted)", by_key.get("cl_fold_unpad"), None)]
     if "bf16_cl" in by_key:
         checks.append(("bf16 autocast (not adopted: explain stays fp32)", by_key["bf16_cl"], torch.bfloat16))
     for label, p, force in checks:

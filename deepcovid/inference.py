@@ -24,6 +24,9 @@ Speed options (``Predictor(..., precision=..., backend=...)``, CLI ``--precision
 * every BatchNorm is folded into the convolution before it (``bnfold``; ``fold_bn=False`` keeps
   them), except where the CAM and activation layers read, so their maps are the checkpoint's;
   predictions and explanations both run the folded model (the same numbers to float rounding);
+* timm's TensorFlow 'same' convolutions (the Lite models') become plain convolutions for the
+  checkpoint's input size, without their padding copy (``samepad``; ``unpad_same=False`` keeps
+  them; the same outputs);
 * ``precision``: ``"auto"`` (default) and ``"fp32"``: float32 on every device, on CUDA with
   TF32 off, so a GPU gives the CPU's probabilities (``auto`` autocast on CUDA until 2026-11-26:
   on an H100 its probabilities were 0.022 from the CPU's, TF32 float32's 1.3e-3); ``"bf16"``
@@ -155,12 +158,14 @@ class Predictor:
     def __init__(self, model: torch.nn.Module, meta: dict, *, device: str | torch.device = "auto",
                  path: str | os.PathLike | None = None, num_threads: int | None = None,
                  cam_layers: Sequence[str] | None = None, precision: str = "auto", backend: str = "eager",
-                 channels_last: bool | None = None, fold_bn: bool = True):
+                 channels_last: bool | None = None, fold_bn: bool = True, unpad_same: bool = True):
         """``cam_layers``: dotted backbone layer names to explain (default: the registry's).
         ``precision``: one of :data:`PRECISIONS`; ``backend``: one of :data:`BACKENDS` (see the
         module docstring). ``channels_last``: None (default) = on for CPU and CUDA; False keeps
         NCHW (the benchmark's baseline). ``fold_bn``: fold BatchNorm into the convolutions
-        (default; ``False`` serves the checkpoint's modules as they are, the benchmark's baseline).
+        (default; ``False`` serves the checkpoint's BatchNorm layers as they are, the benchmark's
+        baseline). ``unpad_same``: TensorFlow 'same' convolutions as plain ones for the
+        checkpoint's input size (``samepad``; the same outputs, no padding copy; default).
         The model is changed in place."""
         from .models import get_spec
 
@@ -221,6 +226,8 @@ class Predictor:
         self.activation_layer_names: tuple[str, ...] = tuple(self.spec.activation_layers)
         self.fold_bn = bool(fold_bn)
         self.fold_report = self._fold_batchnorm(model) if self.fold_bn else None
+        self.unpadded: list[str] = self._unpad_same(model) if unpad_same else []
+        # after both rewrites: a folded convolution may since have been swapped for a SizedSameConv2d
         self._folded_convs = {id(model.get_submodule(c)) for c, _ in (self.fold_report.pairs if self.fold_bn else ())}
         # channels_last: oneDNN's (and cuDNN's) fast convolution layout; same numbers as NCHW.
         self.channels_last = self.device.type in ("cpu", "cuda") if channels_last is None else bool(channels_last)
@@ -246,7 +253,7 @@ class Predictor:
                         device: str | torch.device = "auto", num_threads: int | None = None,
                         cam_layers: Sequence[str] | None = None, precision: str = "auto",
                         backend: str = "eager", channels_last: bool | None = None,
-                        fold_bn: bool = True) -> "Predictor":
+                        fold_bn: bool = True, unpad_same: bool = True) -> "Predictor":
         """``spec``: a .safetensors file, a run folder, or 'best' (highest val F1 under ``checkpoints_dir``).
         ``precision`` (:data:`PRECISIONS`) and ``backend`` (:data:`BACKENDS`): see the module docstring."""
         from .checkpoint import load_checkpoint
@@ -257,7 +264,7 @@ class Predictor:
         model = loaded.build_model()
         return cls(model, loaded.meta, device=device, path=loaded.path, num_threads=num_threads,
                    cam_layers=cam_layers, precision=precision, backend=backend, channels_last=channels_last,
-                   fold_bn=fold_bn)
+                   fold_bn=fold_bn, unpad_same=unpad_same)
 
     def _fold_batchnorm(self, model: torch.nn.Module):
         """Fold BatchNorm into the convolutions before it (``bnfold``), in place, except where the
@@ -266,11 +273,25 @@ class Predictor:
 
         keep = tuple(camlib.resolve_layer(model.backbone, n)
                      for n in (*self.cam_layer_names, *self.activation_layer_names))
+        example = self._rewrite_example(model)
+        with ieee_float32(example.device):  # TF32 rounding would blur the fold's own check
+            return fold_batchnorm(model, example, keep=keep)
+
+    def _unpad_same(self, model: torch.nn.Module) -> list[str]:
+        """Swap TensorFlow 'same' convolutions for plain ones at this checkpoint's input size
+        (``samepad``), in place; the names swapped."""
+        from .samepad import unpad_same_convs
+
+        example = self._rewrite_example(model)
+        with ieee_float32(example.device):
+            return unpad_same_convs(model, example)
+
+    def _rewrite_example(self, model: torch.nn.Module) -> torch.Tensor:
+        """The input the serving rewrites check themselves on: seeded noise at the checkpoint's
+        size, on the model's device (not zeros, under which a wrong padding would not show)."""
         gen = torch.Generator().manual_seed(0)
         example = torch.randn(1, 3, self.input_size, self.input_size, generator=gen)
-        device = next(model.parameters()).device
-        with ieee_float32(device):  # TF32 rounding would blur the fold's own check
-            return fold_batchnorm(model, example.to(device), keep=keep)
+        return example.to(next(model.parameters()).device)
 
     # --- fast predict backends --------------------------------------------------------------
     def _example_input(self, batch: int = 1) -> torch.Tensor:
