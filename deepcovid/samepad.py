@@ -103,4 +103,3 @@ def unpad_same_convs(model: nn.Module, example: torch.Tensor) -> list[str]:
             model.set_submodule(name, new)
             swapped.append(name)
     return swapped
-

@@ -15,9 +15,9 @@ from deepcovid.models import build_model, get_spec
 from deepcovid.samepad import SizedSameConv2d, unpad_same_convs
 
 
-def same_conv(cin: int, cout: int, k: int, stride: int, groups: int = 1, dilation: int = 1) -> Conv2dSame:
+def same_conv(cin: int, cout: int, k: int, stride: int, dilation: int = 1) -> Conv2dSame:
     torch.manual_seed(0)
-    conv = Conv2dSame(cin, cout, k, stride=stride, groups=groups, dilation=dilation, bias=True)
+    conv = Conv2dSame(cin, cout, k, stride=stride, dilation=dilation, bias=True)
     with torch.no_grad():
         conv.weight.normal_()  # every tap non-zero, so a tap on the wrong pixel shows
     return conv.eval()
@@ -126,7 +126,7 @@ def test_efficientnet_lite0_loses_every_padding_copy_and_keeps_its_outputs(monke
 
     monkeypatch.setattr(torch.nn.functional, "pad", spy)  # timm's pad_same calls F.pad
     with torch.no_grad():
-        got = model(x[:, :, :48, :48])
+        model(x[:, :, :48, :48])
     assert calls  # the spy sees timm's padding (another size: the fallback path)
     calls.clear()
     with torch.no_grad():
