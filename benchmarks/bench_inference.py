@@ -9,13 +9,14 @@
 (d) ``Predictor.predict`` and (e) ``explain`` without the activation maps are listed too, to show
 where (b)'s time goes, and (f) the bare forward of the checkpoint's own modules: (a), (b), (d)
 and (e) run the model as the ``Predictor`` serves it, with BatchNorm folded into the
-convolutions (``deepcovid/bnfold.py``) and TensorFlow 'same' convolutions without their padding
-copy (``deepcovid/samepad.py``); (c) and (f) run it as the checkpoint rebuilds it. Image
+convolutions (``deepcovid/bnfold.py``), TensorFlow 'same' convolutions without their padding
+copy (``deepcovid/samepad.py``) and convolution weights packed once for oneDNN
+(``deepcovid/prepack.py``); (c) and (f) run it as the checkpoint rebuilds it. Image
 decoding is excluded from all rows (the image is decoded once up front); (b) includes drawing
 the heat map and overlay at the original image's size.
 
 A second table compares the CPU speed options of ``Predictor.predict`` (``precision`` x
-``backend`` x memory layout x BatchNorm folding x padding) in the same run: median latency of one
+``backend`` x memory layout x BatchNorm folding x padding x weight packing) in the same run: median latency of one
 image, the ratio to fp32 eager NCHW with the checkpoint's modules (the pre-optimisation path), and the
 largest |probability difference| from it over the test images (tolerance 1e-3 for fp32
 variants, 1e-2 for bf16). A variant is worth
@@ -111,7 +112,7 @@ def median_ms(fns, reps: int, warmup: int) -> list[float]:
 def build(quick: bool, arch: str, size: int | None, weights: str, threads: int | None = None, tta: str = "none",
           checkpoint: str | None = None, checkpoints_dir: str = "checkpoints"):
     """(the Predictor, its model (rewritten in place for serving: BatchNorm folded, no 'same'
-    padding copy), a copy of the checkpoint's modules as rebuilt). With
+    padding copy, packed weights), a copy of the checkpoint's modules as rebuilt). With
     ``checkpoint`` the model, its size and its test-time augmentation are the checkpoint's."""
     from deepcovid.inference import Predictor
     from deepcovid.models import build_model, check_tta, get_spec
@@ -199,7 +200,7 @@ def run_benchmark(quick: bool = False, arch: str = "efficientnet_lite0", size: i
         "reps": reps, "rows": [],
     }
     rows = [
-        ("(a) bare forward, inference_mode (served: BN folded, no pad copy)", bare),
+        ("(a) bare forward, inference_mode (served: BN folded, no pad, packed)", bare),
         ("(b) Predictor.explain (pred+Grad-CAM+overlay+activations)", ours),
         ("(c) plain grad-cam recipe (fwd + GradCAM, param+input grads)", recipe),
         ("(d) Predictor.predict (reference)", predict_only),
@@ -219,14 +220,17 @@ def run_benchmark(quick: bool = False, arch: str = "efficientnet_lite0", size: i
 # ---------------------------------------------------------------------------------------
 
 # (key, label, Predictor keyword arguments, tolerance on |probability - fp32 eager NCHW|)
-# Rows without fold_bn / unpad_same fold BatchNorm and drop the 'same' padding copy, as the
-# Predictor does by default; the first two serve the checkpoint's modules as they are.
-AS_IS = dict(fold_bn=False, unpad_same=False)
+# Rows without fold_bn / unpad_same / prepack fold BatchNorm, drop the 'same' padding copy and
+# pack the convolution weights, as the Predictor does by default; the first two serve the
+# checkpoint's modules as they are.
+AS_IS = dict(fold_bn=False, unpad_same=False, prepack=False)
 VARIANTS = [
     ("fp32", "fp32 eager NCHW (baseline)", dict(precision="fp32", channels_last=False, **AS_IS), 1e-3),
     ("cl", "fp32 eager channels_last", dict(precision="fp32", channels_last=True, **AS_IS), 1e-3),
-    ("cl_fold", "fp32 channels_last+BN fold", dict(precision="fp32", channels_last=True, unpad_same=False), 1e-3),
-    ("cl_fold_unpad", "fp32 cl+BN fold+no pad copy (default)", dict(precision="fp32", channels_last=True), 1e-3),
+    ("cl_fold", "fp32 channels_last+BN fold", dict(precision="fp32", channels_last=True, unpad_same=False,
+                                                    prepack=False), 1e-3),
+    ("cl_fold_unpad", "fp32 cl+BN fold+no pad copy", dict(precision="fp32", channels_last=True, prepack=False), 1e-3),
+    ("cl_fold_unpad_pack", "fp32 cl+fold+no pad+packed (default)", dict(precision="fp32", channels_last=True), 1e-3),
     ("bf16", "bf16 eager NCHW+BN fold", dict(precision="bf16", channels_last=False), 1e-2),
     ("bf16_cl", "bf16 channels_last+BN fold", dict(precision="bf16", channels_last=True), 1e-2),
     ("compile", "fp32 torch.compile (freezing)", dict(precision="fp32", backend="compile"), 1e-3),
@@ -305,7 +309,8 @@ def run_variants(quick: bool = False, arch: str = "efficientnet_lite0", size: in
     # Grad-CAM agreement with the fp32 NCHW eager explanation (predicted class).
     by_key = {row["key"]: p for row, p in built}
     ref_cams = [ref.explain(q).cam for q in prepared]
-    checks = [("fp32 channels_last + BatchNorm folded + no pad copy (adopted)", by_key.get("cl_fold_unpad"), None)]
+    checks = [("fp32 channels_last + BN folded + no pad copy + packed (adopted)", by_key.get("cl_fold_unpad_pack"),
+               None)]
     if "bf16_cl" in by_key:
         checks.append(("bf16 autocast (not adopted: explain stays fp32)", by_key["bf16_cl"], torch.bfloat16))
     for label, p, force in checks:

@@ -27,6 +27,9 @@ Speed options (``Predictor(..., precision=..., backend=...)``, CLI ``--precision
 * timm's TensorFlow 'same' convolutions (the Lite models') become plain convolutions for the
   checkpoint's input size, without their padding copy (``samepad``; ``unpad_same=False`` keeps
   them; the same outputs);
+* on a CPU, in float32 with the eager backend, every convolution's weight is packed once into
+  oneDNN's blocked layout, as ``torch.compile`` with freezing does, instead of being reordered
+  on every call (``prepack``; ``prepack=False`` keeps them as they are; the same outputs);
 * ``precision``: ``"auto"`` (default) and ``"fp32"``: float32 on every device, on CUDA with
   TF32 off, so a GPU gives the CPU's probabilities (``auto`` autocast on CUDA until 2026-11-26:
   on an H100 its probabilities were 0.022 from the CPU's, TF32 float32's 1.3e-3); ``"bf16"``
@@ -158,7 +161,8 @@ class Predictor:
     def __init__(self, model: torch.nn.Module, meta: dict, *, device: str | torch.device = "auto",
                  path: str | os.PathLike | None = None, num_threads: int | None = None,
                  cam_layers: Sequence[str] | None = None, precision: str = "auto", backend: str = "eager",
-                 channels_last: bool | None = None, fold_bn: bool = True, unpad_same: bool = True):
+                 channels_last: bool | None = None, fold_bn: bool = True, unpad_same: bool = True,
+                 prepack: bool = True):
         """``cam_layers``: dotted backbone layer names to explain (default: the registry's).
         ``precision``: one of :data:`PRECISIONS`; ``backend``: one of :data:`BACKENDS` (see the
         module docstring). ``channels_last``: None (default) = on for CPU and CUDA; False keeps
@@ -166,6 +170,8 @@ class Predictor:
         (default; ``False`` serves the checkpoint's BatchNorm layers as they are, the benchmark's
         baseline). ``unpad_same``: TensorFlow 'same' convolutions as plain ones for the
         checkpoint's input size (``samepad``; the same outputs, no padding copy; default).
+        ``prepack``: on a CPU, in float32 with the eager backend, each convolution's weight packed
+        once into oneDNN's layout (``prepack``; the same outputs; default).
         The model is changed in place."""
         from .models import get_spec
 
@@ -227,12 +233,15 @@ class Predictor:
         self.fold_bn = bool(fold_bn)
         self.fold_report = self._fold_batchnorm(model) if self.fold_bn else None
         self.unpadded: list[str] = self._unpad_same(model) if unpad_same else []
-        # after both rewrites: a folded convolution may since have been swapped for a SizedSameConv2d
-        self._folded_convs = {id(model.get_submodule(c)) for c, _ in (self.fold_report.pairs if self.fold_bn else ())}
         # channels_last: oneDNN's (and cuDNN's) fast convolution layout; same numbers as NCHW.
         self.channels_last = self.device.type in ("cpu", "cuda") if channels_last is None else bool(channels_last)
         model = model.to(self.device, memory_format=torch.channels_last if self.channels_last
                          else torch.contiguous_format)  # explicit: the model may come in either layout
+        # last: packed weights are tied to the device, dtype and layout they were packed for
+        serves_packed = self.device.type == "cpu" and self.backend == "eager" and self.amp_dtype is None
+        self.prepacked: list[str] = self._prepack(model) if prepack and serves_packed else []
+        # after every rewrite: a folded convolution may since have been swapped (samepad, prepack)
+        self._folded_convs = {id(model.get_submodule(c)) for c, _ in (self.fold_report.pairs if self.fold_bn else ())}
         self.model = model
         self._lock = threading.RLock()
         self._cam_layers = [camlib.resolve_layer(self.model.backbone, n) for n in self.cam_layer_names]
@@ -253,7 +262,7 @@ class Predictor:
                         device: str | torch.device = "auto", num_threads: int | None = None,
                         cam_layers: Sequence[str] | None = None, precision: str = "auto",
                         backend: str = "eager", channels_last: bool | None = None,
-                        fold_bn: bool = True, unpad_same: bool = True) -> "Predictor":
+                        fold_bn: bool = True, unpad_same: bool = True, prepack: bool = True) -> "Predictor":
         """``spec``: a .safetensors file, a run folder, or 'best' (highest val F1 under ``checkpoints_dir``).
         ``precision`` (:data:`PRECISIONS`) and ``backend`` (:data:`BACKENDS`): see the module docstring."""
         from .checkpoint import load_checkpoint
@@ -264,7 +273,7 @@ class Predictor:
         model = loaded.build_model()
         return cls(model, loaded.meta, device=device, path=loaded.path, num_threads=num_threads,
                    cam_layers=cam_layers, precision=precision, backend=backend, channels_last=channels_last,
-                   fold_bn=fold_bn, unpad_same=unpad_same)
+                   fold_bn=fold_bn, unpad_same=unpad_same, prepack=prepack)
 
     def _fold_batchnorm(self, model: torch.nn.Module):
         """Fold BatchNorm into the convolutions before it (``bnfold``), in place, except where the
@@ -285,6 +294,13 @@ class Predictor:
         example = self._rewrite_example(model)
         with ieee_float32(example.device):
             return unpad_same_convs(model, example)
+
+    def _prepack(self, model: torch.nn.Module) -> list[str]:
+        """Pack each convolution's weight into oneDNN's layout once (``prepack``), in place, for
+        inputs laid out as served; the names swapped."""
+        from .prepack import prepack_convs
+
+        return prepack_convs(model, self._to_device(self._rewrite_example(model)))
 
     def _rewrite_example(self, model: torch.nn.Module) -> torch.Tensor:
         """The input the serving rewrites check themselves on: seeded noise at the checkpoint's

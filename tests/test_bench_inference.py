@@ -60,7 +60,7 @@ def test_quick_speed_options_table(capsys):
     assert list(rows) == [k for k, *_ in bench.VARIANTS]
     assert rows["fp32"]["ratio"] == 1.0 and rows["fp32"]["max_dprob"] == 0.0
     assert rows["compile"]["ms"] is None and "skipped" in rows["compile"]["error"]
-    for key in ("cl", "cl_fold", "bf16", "bf16_cl"):
+    for key in ("cl", "cl_fold", "cl_fold_unpad", "cl_fold_unpad_pack", "bf16", "bf16_cl"):
         r = rows[key]
         assert r["ms"] > 0 and r["ratio"] > 0 and r["within_tol"], r
     if rows["onnx"]["ms"] is not None:
