@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .samepad import SizedSameConv2d
+from .samepad import SizedSameConv2d, swap_checked
 
 __all__ = ["PackedConv2d", "available", "prepack_convs"]
 
@@ -86,36 +86,10 @@ def prepack_convs(model: nn.Module, example: torch.Tensor) -> list[str]:
     :func:`available` is False)."""
     if not available() or example.device.type != "cpu":
         return []
-    seen: dict[str, list[torch.Tensor]] = {}
 
-    def record(name):
-        def hook(_module, inputs):
-            seen.setdefault(name, []).append(inputs[0])
-        return hook
+    def build(conv: nn.Module, x: torch.Tensor) -> PackedConv2d:
+        if x.dtype != torch.float32:
+            raise ValueError("only float32 inputs are packed")
+        return PackedConv2d(conv, tuple(x.shape))
 
-    handles = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules()
-               if type(m) in _PACKABLE]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-    swapped = []
-    with torch.no_grad():
-        for name, inputs in seen.items():
-            x = inputs[0]
-            if len(inputs) != 1 or x.dtype != torch.float32:  # shared weights: several inputs possible
-                continue
-            conv = model.get_submodule(name)
-            try:
-                new = PackedConv2d(conv, tuple(x.shape))
-                want, got = conv(x), new(x)
-            except (RuntimeError, ValueError):  # an operator this build or CPU does not run
-                continue
-            if got.shape != want.shape or float((got - want).abs().max()) > CHECK_TOLERANCE * max(
-                    1.0, float(want.abs().max())):
-                continue
-            model.set_submodule(name, new)
-            swapped.append(name)
-    return swapped
+    return swap_checked(model, example, lambda m: type(m) in _PACKABLE, build, CHECK_TOLERANCE)

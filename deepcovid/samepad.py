@@ -26,7 +26,7 @@ from timm.layers import Conv2dSame
 from timm.layers.padding import get_same_padding, pad_same
 from torch import nn
 
-__all__ = ["SizedSameConv2d", "unpad_same_convs"]
+__all__ = ["SizedSameConv2d", "swap_checked", "unpad_same_convs"]
 
 # How far a swapped layer's output may be from the original's, relative to its size: the
 # same products in another order at most (~1e-7); a wrong padding moves it by O(1).
@@ -69,11 +69,13 @@ class SizedSameConv2d(nn.Conv2d):
         return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
-def unpad_same_convs(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Swap, in place, every ``Conv2dSame`` in ``model`` (exact type, undilated, called once in a
-    forward of ``example``) for a :class:`SizedSameConv2d` built for the input size it saw.
-    Each swap is checked on the input the layer saw and skipped if its output differs. Returns
-    the names of the swapped layers."""
+def swap_checked(model: nn.Module, example: torch.Tensor, wanted, build,
+                 tolerance: float = CHECK_TOLERANCE) -> list[str]:
+    """Swap, in place, each sub-module for which ``wanted(module)`` holds and that is called once
+    in a forward of ``example`` by ``build(module, input)``, keeping only swaps whose output on
+    that input matches the original's (within ``tolerance`` relative to its size); a ``build``
+    or replacement that raises ``RuntimeError``/``ValueError`` is skipped too. The serving
+    rewrites' shared mechanics (this one and ``prepack``). Returns the names swapped."""
     seen: dict[str, list[torch.Tensor]] = {}
 
     def record(name):
@@ -81,8 +83,7 @@ def unpad_same_convs(model: nn.Module, example: torch.Tensor) -> list[str]:
             seen.setdefault(name, []).append(inputs[0])
         return hook
 
-    handles = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules()
-               if type(m) is Conv2dSame and tuple(m.dilation) == (1, 1)]
+    handles = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules() if wanted(m)]
     try:
         with torch.no_grad():
             model(example)
@@ -92,14 +93,26 @@ def unpad_same_convs(model: nn.Module, example: torch.Tensor) -> list[str]:
     swapped = []
     with torch.no_grad():
         for name, inputs in seen.items():
-            if len(inputs) != 1:  # shared weights: more than one input size is possible
+            if len(inputs) != 1:  # shared weights: more than one input is possible
                 continue
-            conv, x = model.get_submodule(name), inputs[0]
-            new = SizedSameConv2d(conv, tuple(x.shape[-2:]))
-            want, got = conv(x), new(x)
-            if got.shape != want.shape or float((got - want).abs().max()) > CHECK_TOLERANCE * max(
+            old, x = model.get_submodule(name), inputs[0]
+            try:
+                new = build(old, x)
+                want, got = old(x), new(x)
+            except (RuntimeError, ValueError):
+                continue
+            if got.shape != want.shape or float((got - want).abs().max()) > tolerance * max(
                     1.0, float(want.abs().max())):
                 continue
             model.set_submodule(name, new)
             swapped.append(name)
     return swapped
+
+
+def unpad_same_convs(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Swap, in place, every ``Conv2dSame`` in ``model`` (exact type, undilated, called once in a
+    forward of ``example``) for a :class:`SizedSameConv2d` built for the input size it saw.
+    Each swap is checked on the input the layer saw and skipped if its output differs. Returns
+    the names of the swapped layers."""
+    return swap_checked(model, example, lambda m: type(m) is Conv2dSame and tuple(m.dilation) == (1, 1),
+                        lambda conv, x: SizedSameConv2d(conv, tuple(x.shape[-2:])))

@@ -19,6 +19,23 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO.parent / "shared" / "data" / "chest_xray").resolve()
 
 
+LITE0_META = {"arch": "efficientnet_lite0", "classes": ["NORMAL", "PNEUMONIA"], "positive_class": "PNEUMONIA",
+              "num_outputs": 1, "input_size": 64, "color_space": "rgb", "threshold": 0.5, "val_metrics": {}}
+
+
+def lite0_predictor(**kwargs):
+    """A seeded, randomly initialised efficientnet_lite0 Predictor at 64 px on the CPU, built with
+    ``kwargs`` (the serving rewrites' tests compare it with and without each one)."""
+    from deepcovid.inference import Predictor
+    from deepcovid.models import build_model, get_spec
+
+    torch.manual_seed(0)
+    model = build_model("efficientnet_lite0", 2, weights="none")
+    dc = get_spec("efficientnet_lite0").data_config
+    return Predictor(model, {**LITE0_META, "mean": list(dc.mean), "std": list(dc.std)}, device="cpu",
+                     num_threads=1, **kwargs)
+
+
 def synthetic_xray(rng: np.random.Generator, size: int, positive: bool) -> np.ndarray:
     """A chest-like grey image; the positive class gets bright opacities in the lungs."""
     yy, xx = np.mgrid[0:size, 0:size] / size

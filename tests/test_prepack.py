@@ -9,10 +9,8 @@ import torch
 from timm.layers import Conv2dSame
 from torch import nn
 
-from conftest import synthetic_xray
+from conftest import lite0_predictor, synthetic_xray
 from deepcovid import prepack
-from deepcovid.inference import Predictor
-from deepcovid.models import build_model, get_spec
 from deepcovid.prepack import PackedConv2d, prepack_convs
 from deepcovid.samepad import SizedSameConv2d
 
@@ -143,16 +141,7 @@ def test_shared_failing_and_unavailable_swaps_are_skipped(monkeypatch):
 
 # --- in the Predictor ------------------------------------------------------------------------
 
-META = {"arch": "efficientnet_lite0", "classes": ["NORMAL", "PNEUMONIA"], "positive_class": "PNEUMONIA",
-        "num_outputs": 1, "input_size": 64, "color_space": "rgb", "threshold": 0.5, "val_metrics": {}}
-
-
-def predictor(**kwargs) -> Predictor:
-    torch.manual_seed(0)
-    model = build_model("efficientnet_lite0", 2, weights="none")
-    dc = get_spec("efficientnet_lite0").data_config
-    return Predictor(model, {**META, "mean": list(dc.mean), "std": list(dc.std)}, device="cpu", num_threads=1,
-                     **kwargs)
+predictor = lite0_predictor
 
 
 def test_the_predictor_packs_by_default_with_the_same_results():
