@@ -46,8 +46,8 @@ class PackedConv2d(nn.Conv2d):
 
     It shares ``conv``'s weight and bias (same parameters, same state dict) and keeps ``conv``
     itself, unregistered, for everything the packed weight does not serve: another height or
-    width, another dtype or device, autocast, or an input that needs a gradient (the packed
-    operator has no backward). Grad-CAM's graph starts at its target layer (``cam.GraphCut``),
+    width, another dtype or device, autocast, an input that needs a gradient (the packed
+    operator has no backward), or a trace for ONNX export or ``torch.compile``. Grad-CAM's graph starts at its target layer (``cam.GraphCut``),
     so the layers before it run packed in ``explain`` too."""
 
     def __init__(self, conv: nn.Conv2d, input_shape: tuple[int, ...]):
@@ -64,6 +64,10 @@ class PackedConv2d(nn.Conv2d):
             conv.weight.detach(), *self._args, [int(s) for s in input_shape])
 
     def _serves(self, x: torch.Tensor) -> bool:
+        # an export or a compile of an already served model traces the plain layer: the packed
+        # weight is an opaque tensor neither ONNX nor dynamo can take
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+            return False
         return (x.dim() == 4 and tuple(x.shape[-2:]) == self.input_hw and x.dtype == torch.float32
                 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))

@@ -173,3 +173,16 @@ def test_a_cam_layer_inside_the_backbone_gets_its_gradient_through_the_original_
 def test_nothing_is_packed_where_the_packed_weights_would_not_serve():
     assert predictor(precision="bf16").prepacked == []  # autocast: the original layers would run
     assert predictor(fold_bn=False, unpad_same=False).prepacked != []  # independent of the other rewrites
+
+
+def test_an_already_packed_model_still_exports_to_onnx():
+    """Another Predictor on a served model's modules (as the TTA tests build one) traces the plain
+    layers: ONNX cannot take the packed weight."""
+    pytest.importorskip("onnxruntime")
+    from deepcovid.inference import Predictor
+
+    served = predictor()
+    assert served.prepacked
+    onnx = Predictor(served.model, served.meta, device="cpu", num_threads=1, backend="onnx")
+    image = synthetic_xray(np.random.default_rng(7), 96, positive=True)
+    assert onnx.predict(image).probabilities == pytest.approx(served.predict(image).probabilities, abs=1e-5)
