@@ -10,13 +10,13 @@
 where (b)'s time goes, and (f) the bare forward of the checkpoint's own modules: (a), (b), (d)
 and (e) run the model as the ``Predictor`` serves it, with BatchNorm folded into the
 convolutions (``deepcovid/bnfold.py``), TensorFlow 'same' convolutions without their padding
-copy (``deepcovid/samepad.py``) and convolution weights packed once for oneDNN
-(``deepcovid/prepack.py``); (c) and (f) run it as the checkpoint rebuilds it. Image
+copy (``deepcovid/samepad.py``) and convolution weights packed once for oneDNN, each ReLU/ReLU6
+after one applied by it (``deepcovid/prepack.py``); (c) and (f) run it as the checkpoint rebuilds it. Image
 decoding is excluded from all rows (the image is decoded once up front); (b) includes drawing
 the heat map and overlay at the original image's size.
 
 A second table compares the CPU speed options of ``Predictor.predict`` (``precision`` x
-``backend`` x memory layout x BatchNorm folding x padding x weight packing) in the same run: median latency of one
+``backend`` x memory layout x BatchNorm folding x padding x weight packing x activation fusion) in the same run: median latency of one
 image, the ratio to fp32 eager NCHW with the checkpoint's modules (the pre-optimisation path), and the
 largest |probability difference| from it over the test images (tolerance 1e-3 for fp32
 variants, 1e-2 for bf16). A variant is worth
@@ -200,7 +200,7 @@ def run_benchmark(quick: bool = False, arch: str = "efficientnet_lite0", size: i
         "reps": reps, "rows": [],
     }
     rows = [
-        ("(a) bare forward, inference_mode (served: BN folded, no pad, packed)", bare),
+        (f"(a) bare forward, inference_mode (served: {served_steps(predictor)})", bare),
         ("(b) Predictor.explain (pred+Grad-CAM+overlay+activations)", ours),
         ("(c) plain grad-cam recipe (fwd + GradCAM, param+input grads)", recipe),
         ("(d) Predictor.predict (reference)", predict_only),
@@ -230,7 +230,10 @@ VARIANTS = [
     ("cl_fold", "fp32 channels_last+BN fold", dict(precision="fp32", channels_last=True, unpad_same=False,
                                                     prepack=False), 1e-3),
     ("cl_fold_unpad", "fp32 cl+BN fold+no pad copy", dict(precision="fp32", channels_last=True, prepack=False), 1e-3),
-    ("cl_fold_unpad_pack", "fp32 cl+fold+no pad+packed (default)", dict(precision="fp32", channels_last=True), 1e-3),
+    ("cl_fold_unpad_pack", "fp32 cl+fold+no pad+packed", dict(precision="fp32", channels_last=True, fuse_act=False),
+     1e-3),
+    ("cl_fold_unpad_pack_fuse", "fp32 cl+fold+no pad+packed+ReLU fused (default)", dict(precision="fp32",
+                                                                                      channels_last=True), 1e-3),
     ("bf16", "bf16 eager NCHW+BN fold", dict(precision="bf16", channels_last=False), 1e-2),
     ("bf16_cl", "bf16 channels_last+BN fold", dict(precision="bf16", channels_last=True), 1e-2),
     ("compile", "fp32 torch.compile (freezing)", dict(precision="fp32", backend="compile"), 1e-3),
@@ -309,7 +312,8 @@ def run_variants(quick: bool = False, arch: str = "efficientnet_lite0", size: in
     # Grad-CAM agreement with the fp32 NCHW eager explanation (predicted class).
     by_key = {row["key"]: p for row, p in built}
     ref_cams = [ref.explain(q).cam for q in prepared]
-    checks = [("fp32 channels_last + BN folded + no pad copy + packed (adopted)", by_key.get("cl_fold_unpad_pack"),
+    checks = [("fp32 channels_last + BN folded + no pad copy + packed + ReLU fused (adopted)",
+               by_key.get("cl_fold_unpad_pack_fuse"),
                None)]
     if "bf16_cl" in by_key:
         checks.append(("bf16 autocast (not adopted: explain stays fp32)", by_key["bf16_cl"], torch.bfloat16))
@@ -328,19 +332,28 @@ def run_variants(quick: bool = False, arch: str = "efficientnet_lite0", size: in
     return results
 
 
+def served_steps(predictor) -> str:
+    """What the Predictor did to the model it serves: the label of row (a) (nothing is fused in
+    torchvision's ResNet50, for one, which reuses one ReLU module)."""
+    steps = [("BN folded", predictor.fold_report is not None and predictor.fold_report.pairs),
+             ("no pad", predictor.unpadded), ("packed", predictor.prepacked), ("ReLU fused", predictor.fused_acts)]
+    return ", ".join(name for name, done in steps if done) or "as rebuilt"
+
+
 def format_variants(res: dict) -> str:
+    w = max([len("variant")] + [len(r["name"]) for r in res["rows"]]) + 2
     lines = [
         f"Predictor.predict speed options: {res['arch']} @ {res['input_size']} px, weights={res['weights']}, "
         f"CPU threads={res['threads']}, one image per call, median of {res['reps']} (interleaved); "
         f"max |dprob| vs fp32 eager NCHW over {res['source']}",
-        f"{'variant':<38}{'build s':>9}{'median ms':>11}{'x fp32':>8}{'max |dprob|':>13}{'tol':>8}"
+        f"{'variant':<{w}}{'build s':>9}{'median ms':>11}{'x fp32':>8}{'max |dprob|':>13}{'tol':>8}"
         f"{'in tol':>8}{'faster':>8}",
     ]
     for r in res["rows"]:
         if r["ms"] is None:
-            lines.append(f"{r['name']:<38}  {r['error']}")
+            lines.append(f"{r['name']:<{w}}{r['error']}")
             continue
-        lines.append(f"{r['name']:<38}{r['build_s']:>9.2f}{r['ms']:>11.2f}{r['ratio']:>8.2f}{r['max_dprob']:>13.2e}"
+        lines.append(f"{r['name']:<{w}}{r['build_s']:>9.2f}{r['ms']:>11.2f}{r['ratio']:>8.2f}{r['max_dprob']:>13.2e}"
                      f"{r['tol']:>8.0e}{('yes' if r['within_tol'] else 'NO'):>8}"
                      f"{('yes' if r['faster'] else 'no'):>8}")
     for c in res["cam"]:
@@ -355,10 +368,11 @@ def format_table(res: dict) -> str:
         f"input: {res['source']} "
         f"(original {res['original_size'][0]}x{res['original_size'][1]}), CPU threads={res['threads']}, "
         f"median of {res['reps']}",
-        f"{'method':<64}{'median ms':>11}{'x (a)':>8}",
     ]
+    w = max([len("method")] + [len(r["name"]) for r in res["rows"]]) + 2
+    lines.append(f"{'method':<{w}}{'median ms':>11}{'x (a)':>8}")
     for r in res["rows"]:
-        lines.append(f"{r['name']:<64}{r['ms']:>11.2f}{r['ratio']:>8.2f}")
+        lines.append(f"{r['name']:<{w}}{r['ms']:>11.2f}{r['ratio']:>8.2f}")
     return "\n".join(lines)
 
 

@@ -29,7 +29,7 @@ from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["FoldReport", "fold_batchnorm"]
+__all__ = ["FoldReport", "find_pairs", "fold_batchnorm", "relative_error"]
 
 # How far the folded model's outputs may move from the original's, relative to their size.
 # Folding changes only float rounding (~1e-6 here); a wrong fold moves outputs by O(1).
@@ -71,41 +71,45 @@ def _after_fold(bn: nn.Module) -> nn.Module:
     return ActAfterFold(bn.drop, bn.act) if type(bn) is BatchNormAct2d else nn.Identity()
 
 
-def _find_pairs(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, str]], object]:
-    """(conv name, BatchNorm name) pairs where the BatchNorm's input is the conv's output, from
-    one forward of ``x``; also returns that forward's output (the check's reference)."""
-    outputs: dict[int, tuple[str, torch.Tensor]] = {}  # id -> (conv, output); the tensor keeps the id alive
+def find_pairs(model: nn.Module, x: torch.Tensor, first, second) -> tuple[list[tuple[str, str]], object]:
+    """(name, name) pairs of sub-modules where one for which ``second(module)`` holds takes as its
+    input exactly the output tensor of one for which ``first(module)`` holds, untouched in
+    between (no in-place change: its version counter is the same), each called once, from one
+    forward of ``x``; also returns that forward's output (the rewrite's check reference)."""
+    # id -> (name, output, its version then); holding the tensor keeps its id unique
+    outputs: dict[int, tuple[str, torch.Tensor, int]] = {}
     calls: dict[str, int] = {}
     pairs: list[tuple[str, str]] = []
 
-    def after_conv(name):
+    def after_first(name):
         def hook(_module, _inp, out):
             calls[name] = calls.get(name, 0) + 1
-            outputs[id(out)] = (name, out)
+            if isinstance(out, torch.Tensor):
+                outputs[id(out)] = (name, out, out._version)
         return hook
 
-    def before_bn(name):
+    def before_second(name):
         def hook(_module, inp):
             calls[name] = calls.get(name, 0) + 1
-            hit = outputs.get(id(inp[0]))
-            if hit is not None and hit[1] is inp[0]:
+            hit = outputs.get(id(inp[0])) if inp else None
+            if hit is not None and hit[1] is inp[0] and hit[2] == inp[0]._version:
                 pairs.append((hit[0], name))
         return hook
 
     handles = []
     try:
         for name, m in model.named_modules():
-            if type(m) in _CONVS:
-                handles.append(m.register_forward_hook(after_conv(name)))
-            elif type(m) in _BATCHNORMS:
-                handles.append(m.register_forward_pre_hook(before_bn(name)))
-        with torch.no_grad():
+            if first(m):
+                handles.append(m.register_forward_hook(after_first(name)))
+            elif second(m):
+                handles.append(m.register_forward_pre_hook(before_second(name)))
+        with torch.no_grad():  # not inference_mode: version counters are kept
             out = model(x)
     finally:
         for h in handles:
             h.remove()
     # A module called twice (shared weights) would change both uses; leave it alone.
-    return [(c, b) for c, b in pairs if calls.get(c) == 1 and calls.get(b) == 1], out
+    return [(a, b) for a, b in pairs if calls.get(a) == 1 and calls.get(b) == 1], out
 
 
 def _flat(out) -> list[torch.Tensor]:
@@ -114,6 +118,16 @@ def _flat(out) -> list[torch.Tensor]:
     if isinstance(out, (tuple, list)):
         return [t for o in out for t in _flat(o)]
     return []
+
+
+def relative_error(got, want) -> float:
+    """The largest absolute difference between two model outputs (tensors, or tuples and lists
+    of them), relative to the reference's size (at least 1); infinite if their structures differ."""
+    got, want = _flat(got), _flat(want)
+    if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
+        return float("inf")
+    return max((float((g.float() - w.float()).abs().max()) / max(1.0, float(w.float().abs().max()))
+                for g, w in zip(got, want)), default=float("inf"))
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
@@ -134,7 +148,8 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, keep: tuple[nn.Modul
     if any(m.training for m in model.modules()):
         raise ValueError("fold_batchnorm needs a model in eval mode (all of its modules)")
     keep_ids = {id(m) for m in keep}
-    candidates, reference = _find_pairs(model, example)
+    candidates, reference = find_pairs(model, example, lambda m: type(m) in _CONVS,
+                                       lambda m: type(m) in _BATCHNORMS)
     report = FoldReport()
     replaced: list[tuple[str, nn.Module]] = []
 
@@ -159,14 +174,12 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, keep: tuple[nn.Modul
                 report.pairs.append((conv_name, bn_name))
             if not report.pairs:
                 return report
-            got = _flat(model(example))
+            got = model(example)
     except BaseException:  # never leave a half-folded model behind
         put_back()
         raise
-    want = _flat(reference)
-    worst = max((float((g.float() - w.float()).abs().max()) / max(1.0, float(w.float().abs().max()))
-                 for g, w in zip(got, want)), default=float("inf"))
-    if len(got) != len(want) or not worst <= CHECK_TOLERANCE:
+    worst = relative_error(got, reference)
+    if not worst <= CHECK_TOLERANCE:
         put_back()
         report.reverted = (f"folded outputs differ from the original's by {worst:.3g} (relative); "
                            "BatchNorm left unfolded")

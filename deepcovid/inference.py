@@ -162,7 +162,7 @@ class Predictor:
                  path: str | os.PathLike | None = None, num_threads: int | None = None,
                  cam_layers: Sequence[str] | None = None, precision: str = "auto", backend: str = "eager",
                  channels_last: bool | None = None, fold_bn: bool = True, unpad_same: bool = True,
-                 prepack: bool = True):
+                 prepack: bool = True, fuse_act: bool = True):
         """``cam_layers``: dotted backbone layer names to explain (default: the registry's).
         ``precision``: one of :data:`PRECISIONS`; ``backend``: one of :data:`BACKENDS` (see the
         module docstring). ``channels_last``: None (default) = on for CPU and CUDA; False keeps
@@ -171,7 +171,9 @@ class Predictor:
         baseline). ``unpad_same``: TensorFlow 'same' convolutions as plain ones for the
         checkpoint's input size (``samepad``; the same outputs, no padding copy; default).
         ``prepack``: on a CPU, in float32 with the eager backend, each convolution's weight packed
-        once into oneDNN's layout (``prepack``; the same outputs; default).
+        once into oneDNN's layout (``prepack``; the same outputs; default). ``fuse_act``: with
+        packed weights, each ReLU/ReLU6 that follows a packed convolution applied by that
+        convolution (``prepack.fuse_activations``; the same outputs; default).
         The model is changed in place."""
         from .models import get_spec
 
@@ -240,6 +242,9 @@ class Predictor:
         # last: packed weights are tied to the device, dtype and layout they were packed for
         serves_packed = self.device.type == "cpu" and self.backend == "eager" and self.amp_dtype is None
         self.prepacked: list[str] = self._prepack(model) if prepack and serves_packed else []
+        self.fused_acts: list[tuple[str, str]] = self._fuse_activations(model) if fuse_act and self.prepacked else []
+        self._fused_convs = {id(model.get_submodule(c)): type(model.get_submodule(c).fused_act).__name__
+                             for c, _ in self.fused_acts}
         # after every rewrite: a folded convolution may since have been swapped (samepad, prepack)
         self._folded_convs = {id(model.get_submodule(c)) for c, _ in (self.fold_report.pairs if self.fold_bn else ())}
         self.model = model
@@ -262,7 +267,8 @@ class Predictor:
                         device: str | torch.device = "auto", num_threads: int | None = None,
                         cam_layers: Sequence[str] | None = None, precision: str = "auto",
                         backend: str = "eager", channels_last: bool | None = None,
-                        fold_bn: bool = True, unpad_same: bool = True, prepack: bool = True) -> "Predictor":
+                        fold_bn: bool = True, unpad_same: bool = True, prepack: bool = True,
+                        fuse_act: bool = True) -> "Predictor":
         """``spec``: a .safetensors file, a run folder, or 'best' (highest val F1 under ``checkpoints_dir``).
         ``precision`` (:data:`PRECISIONS`) and ``backend`` (:data:`BACKENDS`): see the module docstring."""
         from .checkpoint import load_checkpoint
@@ -273,18 +279,16 @@ class Predictor:
         model = loaded.build_model()
         return cls(model, loaded.meta, device=device, path=loaded.path, num_threads=num_threads,
                    cam_layers=cam_layers, precision=precision, backend=backend, channels_last=channels_last,
-                   fold_bn=fold_bn, unpad_same=unpad_same, prepack=prepack)
+                   fold_bn=fold_bn, unpad_same=unpad_same, prepack=prepack, fuse_act=fuse_act)
 
     def _fold_batchnorm(self, model: torch.nn.Module):
         """Fold BatchNorm into the convolutions before it (``bnfold``), in place, except where the
         CAM and activation layers read: their outputs stay the checkpoint's."""
         from .bnfold import fold_batchnorm
 
-        keep = tuple(camlib.resolve_layer(model.backbone, n)
-                     for n in (*self.cam_layer_names, *self.activation_layer_names))
         example = self._rewrite_example(model)
         with ieee_float32(example.device):  # TF32 rounding would blur the fold's own check
-            return fold_batchnorm(model, example, keep=keep)
+            return fold_batchnorm(model, example, keep=self._kept_layers(model))
 
     def _unpad_same(self, model: torch.nn.Module) -> list[str]:
         """Swap TensorFlow 'same' convolutions for plain ones at this checkpoint's input size
@@ -301,6 +305,17 @@ class Predictor:
         from .prepack import prepack_convs
 
         return prepack_convs(model, self._to_device(self._rewrite_example(model)))
+
+    def _fuse_activations(self, model: torch.nn.Module) -> list[tuple[str, str]]:
+        """Fold each ReLU/ReLU6 after a packed convolution into it (``prepack``), in place,
+        except where the CAM and activation layers read; the (convolution, activation) names."""
+        from .prepack import fuse_activations
+
+        return fuse_activations(model, self._to_device(self._rewrite_example(model)), keep=self._kept_layers(model))
+
+    def _kept_layers(self, model: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+        """The layers Grad-CAM and the activation maps read, whose outputs the rewrites keep."""
+        return tuple(camlib.resolve_layer(model.backbone, n) for n in (*self.cam_layer_names, *self.activation_layer_names))
 
     def _rewrite_example(self, model: torch.nn.Module) -> torch.Tensor:
         """The input the serving rewrites check themselves on: seeded noise at the checkpoint's
@@ -509,10 +524,13 @@ class Predictor:
 
     def _layer_label(self, name: str) -> str:
         """A layer's title on its grid; a convolution whose BatchNorm was folded into it now
-        outputs the normalised map, and says so."""
-        if id(camlib.resolve_layer(self.model.backbone, name)) in self._folded_convs:
-            return f"{name} (+BatchNorm, folded)"
-        return name
+        outputs the normalised map, and one with its activation fused the activated map: each
+        says so."""
+        layer = id(camlib.resolve_layer(self.model.backbone, name))
+        added = ["+BatchNorm, folded"] if layer in self._folded_convs else []
+        if layer in self._fused_convs:
+            added.append(f"+{self._fused_convs[layer]}, fused")
+        return f"{name} ({'; '.join(added)})" if added else name
 
     def _run_cam(self, x: torch.Tensor, method: str, target_index: int | None, act_names: list[str]):
         """One forward + one backward, under the lock: (cam (S,S), logits (1,K'), class index,

@@ -50,6 +50,20 @@ def synthetic_xray(rng: np.random.Generator, size: int, positive: bool) -> np.nd
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
+def assert_same_explanations(plain, served, cam_atol: float = 1e-4, prob_atol: float = 1e-6) -> None:
+    """A Predictor with a serving rewrite (``served``) explains two synthetic X-rays as the one
+    without it (``plain``) does: the same probabilities, CAM and activation maps, to rounding."""
+    for k in range(2):
+        image = synthetic_xray(np.random.default_rng(3 + k), 96, positive=k == 1)
+        a, b = plain.explain(image, activations=True), served.explain(image, activations=True)
+        assert b.probabilities == pytest.approx(a.probabilities, abs=prob_atol)
+        assert served.predict(image).probabilities == pytest.approx(a.probabilities, abs=prob_atol)
+        np.testing.assert_allclose(b.cam, a.cam, atol=cam_atol)
+        assert len(a.activations) == len(b.activations) > 0
+        for (na, ga), (nb, gb) in zip(a.activations, b.activations):
+            assert na == nb and np.abs(ga.astype(int) - gb.astype(int)).max() <= 1
+
+
 # A seconds-long training config for tests: real offline ImageNet weights, tiny inputs.
 FAST_TRAIN = {"arch": "efficientnet_lite0", "weights": "imagenet", "input_size": 32, "batch_size": 8, "epochs": 2,
               "val_fraction": 0.25, "cache": "memory", "patience": 0, "freeze": "none", "lr": 1e-3}

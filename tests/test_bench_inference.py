@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from types import SimpleNamespace
 
 import torch
 
 from conftest import REPO
+from deepcovid import prepack
+from deepcovid.bnfold import FoldReport
 
 
 def load_bench():
@@ -37,8 +40,22 @@ def test_quick_benchmark_prints_the_table(capsys):
     for ms, ratio in rows.values():
         assert ms > 0 and ratio > 0
     assert rows["a"][1] == 1.0
+    prepacked = prepack.available()
+    served = "BN folded, no pad" + (", packed, ReLU fused" if prepacked else "")
+    assert f"(a) bare forward, inference_mode (served: {served})" in out
     for key, (ms, ratio) in rows.items():
         assert abs(ratio - ms / rows["a"][0]) < 0.02 * ratio + 0.01
+
+
+def test_row_a_names_only_the_rewrites_the_predictor_made():
+    bench = load_bench()
+    done = SimpleNamespace(fold_report=FoldReport(pairs=[("c", "bn")]), unpadded=["c"], prepacked=["c"],
+                           fused_acts=[("c", "act")])
+    assert bench.served_steps(done) == "BN folded, no pad, packed, ReLU fused"
+    resnet = SimpleNamespace(fold_report=FoldReport(pairs=[("c", "bn")]), unpadded=[], prepacked=["c"], fused_acts=[])
+    assert bench.served_steps(resnet) == "BN folded, packed"
+    plain = SimpleNamespace(fold_report=None, unpadded=[], prepacked=[], fused_acts=[])
+    assert bench.served_steps(plain) == "as rebuilt"
 
 
 def test_synthetic_input_when_no_data(tmp_path):
@@ -60,7 +77,7 @@ def test_quick_speed_options_table(capsys):
     assert list(rows) == [k for k, *_ in bench.VARIANTS]
     assert rows["fp32"]["ratio"] == 1.0 and rows["fp32"]["max_dprob"] == 0.0
     assert rows["compile"]["ms"] is None and "skipped" in rows["compile"]["error"]
-    for key in ("cl", "cl_fold", "cl_fold_unpad", "cl_fold_unpad_pack", "bf16", "bf16_cl"):
+    for key in ("cl", "cl_fold", "cl_fold_unpad", "cl_fold_unpad_pack", "cl_fold_unpad_pack_fuse", "bf16", "bf16_cl"):
         r = rows[key]
         assert r["ms"] > 0 and r["ratio"] > 0 and r["within_tol"], r
     if rows["onnx"]["ms"] is not None:

@@ -180,7 +180,7 @@ def test_predictor_folds_by_default_and_explains_as_the_unfolded_model_does(xray
 
 def test_an_inner_convolution_asked_for_at_explain_time_is_labelled_as_folded(xrays):
     folded = predictor(True)
-    name = "blocks.1.0.conv_pw"
+    name = "blocks.1.0.conv_pwl"  # no activation after it: folded only (see test_prepack)
     e = folded.explain(xrays[0], activations=[name, "blocks.0"])
     assert folded._layer_label(name) == f"{name} (+BatchNorm, folded)"
     assert folded._layer_label("blocks.0") == "blocks.0"

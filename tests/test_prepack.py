@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import timm
@@ -9,7 +11,7 @@ import torch
 from timm.layers import Conv2dSame
 from torch import nn
 
-from conftest import lite0_predictor, synthetic_xray
+from conftest import assert_same_explanations, lite0_predictor, synthetic_xray
 from deepcovid import prepack
 from deepcovid.prepack import PackedConv2d, prepack_convs
 from deepcovid.samepad import SizedSameConv2d
@@ -139,6 +141,95 @@ def test_shared_failing_and_unavailable_swaps_are_skipped(monkeypatch):
     assert type(model[0]) is nn.Conv2d
 
 
+# --- activations fused into the packed convolutions ------------------------------------------
+
+def packed_then(act: nn.Module):
+    """(a packed convolution followed by ``act``, the plain convolution, an input): inputs x10, so
+    that the convolution's outputs reach past every clamp tested."""
+    conv = conv_of()
+    x = x_of((1, 4, 16, 16)) * 10.0
+    return nn.Sequential(PackedConv2d(conv, tuple(x.shape)), act).eval(), conv, x
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.ReLU(inplace=True), nn.ReLU6(inplace=True), nn.Hardtanh(-1.0, 2.0)])
+def test_a_clamp_after_a_packed_convolution_becomes_its_post_op_with_the_same_output(act):
+    model, conv, x = packed_then(act)
+    with torch.inference_mode():
+        want = act(conv(x))
+    low, high = (0.0, None) if type(act) is nn.ReLU else (act.min_val, act.max_val)
+    assert float(conv(x).min()) < low and (high is None or float(conv(x).max()) > high)  # the clamp bites
+    assert prepack.fuse_activations(model, x_of((1, 4, 16, 16), seed=2)) == [("0", "1")]
+    assert type(model[1]) is nn.Identity and model[0].fused_act is act
+    model[0]._original = (Refuse(),)  # the fused output comes from the packed operator alone
+    with torch.inference_mode():
+        got = model(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_fused_layer_applies_its_activation_where_the_original_convolution_runs():
+    model, conv, x = packed_then(nn.ReLU6(inplace=True))
+    assert prepack.fuse_activations(model, x) == [("0", "1")]
+    xg = x.clone().requires_grad_(True)  # needs a gradient: the original layer, then the activation
+    got = model(xg)
+    got.sum().backward()
+    ref = x.clone().requires_grad_(True)
+    want = nn.functional.relu6(conv(ref))
+    want.sum().backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(xg.grad, ref.grad)
+    with torch.inference_mode():  # another size
+        other = x_of((1, 4, 12, 20)) * 10.0
+        torch.testing.assert_close(model(other), nn.functional.relu6(conv(other)))
+
+
+class ChangedInPlace(nn.Module):
+    """The convolution's output is changed in place (a residual added) before the activation
+    reads it: the activation's input is the same tensor, but not the same values."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = PackedConv2d(conv_of(4, 4), (1, 4, 16, 16))
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        y = self.conv(x)
+        y += x
+        return self.act(y)
+
+
+class ReadTwice(nn.Module):
+    """One good pair, and a convolution whose output the activation and the sum both read."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.act1 = PackedConv2d(conv_of(4, 4), (1, 4, 16, 16)), nn.ReLU6()
+        self.second, self.act2 = PackedConv2d(conv_of(4, 4), (1, 4, 16, 16)), nn.ReLU()
+
+    def forward(self, x):
+        y = self.second(self.act1(self.first(x)))
+        return self.act2(y) + y
+
+
+def test_no_exact_post_op_kept_layers_changed_outputs_or_a_failed_check_leave_the_model_as_it_was():
+    model, _, x = packed_then(nn.SiLU())  # no exact oneDNN post-op
+    assert prepack.fuse_activations(model, x) == [] and type(model[1]) is nn.SiLU
+    for kept in (0, 1):  # the layers Grad-CAM and the activation maps read
+        model, _, x = packed_then(nn.ReLU())
+        assert prepack.fuse_activations(model, x, keep=(model[kept],)) == []
+        assert type(model[1]) is nn.ReLU and model[0].fused_act is None
+    model = ChangedInPlace().eval()
+    assert prepack.fuse_activations(model, x_of((1, 4, 16, 16))) == [] and type(model.act) is nn.ReLU
+    model = ReadTwice().eval()
+    x = x_of((1, 4, 16, 16)) * 10.0
+    with torch.inference_mode():
+        want = model(x)
+    acts = (model.act1, model.act2)
+    assert prepack.fuse_activations(model, x) == []  # the sum read the unclamped output: all put back
+    assert (model.act1, model.act2) == acts and model.first.fused_act is None and model.second.fused_act is None
+    with torch.inference_mode():
+        assert torch.equal(model(x), want)
+
+
 # --- in the Predictor ------------------------------------------------------------------------
 
 predictor = lite0_predictor
@@ -149,16 +240,9 @@ def test_the_predictor_packs_by_default_with_the_same_results():
     assert plain.prepacked == [] and not any(type(m) is PackedConv2d for m in plain.model.modules())
     convs = [n for n, m in plain.model.named_modules() if isinstance(m, nn.Conv2d)]
     assert served.prepacked == convs and "backbone.conv_stem" in served.prepacked
-    images = [synthetic_xray(np.random.default_rng(3 + k), 96, positive=k == 1) for k in range(2)]
-    for image in images:
-        a, b = plain.explain(image, activations=True), served.explain(image, activations=True)
-        assert b.probabilities == pytest.approx(a.probabilities, abs=1e-6)
-        assert served.predict(image).probabilities == pytest.approx(a.probabilities, abs=1e-6)
-        np.testing.assert_allclose(b.cam, a.cam, atol=1e-4)
-        for (na, ga), (nb, gb) in zip(a.activations, b.activations):
-            assert na == nb and np.abs(ga.astype(int) - gb.astype(int)).max() <= 1
+    assert_same_explanations(plain, served)
     name = "blocks.1.0.conv_dw"  # folded, unpadded, then packed: still labelled as folded
-    assert served._layer_label(name) == f"{name} (+BatchNorm, folded)"
+    assert predictor(fuse_act=False)._layer_label(name) == f"{name} (+BatchNorm, folded)"
 
 
 def test_a_cam_layer_inside_the_backbone_gets_its_gradient_through_the_original_convolutions():
@@ -186,3 +270,32 @@ def test_an_already_packed_model_still_exports_to_onnx():
     onnx = Predictor(served.model, served.meta, device="cpu", num_threads=1, backend="onnx")
     image = synthetic_xray(np.random.default_rng(7), 96, positive=True)
     assert onnx.predict(image).probabilities == pytest.approx(served.predict(image).probabilities, abs=1e-5)
+
+
+def test_the_predictor_fuses_activations_by_default_with_the_same_results():
+    plain, served = predictor(fuse_act=False), predictor()
+    assert plain.fused_acts == [] and not any(isinstance(m, PackedConv2d) and m.fused_act is not None
+                                              for m in plain.model.modules())
+    convs = {c for c, _ in served.fused_acts}
+    assert len(served.fused_acts) == 31 and convs < set(served.prepacked)
+    assert all(type(served.model.get_submodule(a)) is nn.Identity for _, a in served.fused_acts)
+    kept = {"backbone.conv_stem", "backbone.conv_head"}  # the activation maps and Grad-CAM read these
+    assert not kept & convs
+    assert_same_explanations(plain, served)
+    # an inner convolution asked for at explain time now outputs the activated map, and says so
+    assert served._layer_label("blocks.1.0.conv_dw") == "blocks.1.0.conv_dw (+BatchNorm, folded; +ReLU6, fused)"
+    assert served._layer_label("blocks.1.0.conv_pwl") == "blocks.1.0.conv_pwl (+BatchNorm, folded)"  # no activation
+    assert predictor(prepack=False).fused_acts == []  # fusing is a post-op of the packed operator
+
+
+def test_a_served_model_can_be_deep_copied():
+    """The packed weight is an opaque oneDNN tensor: a copy packs its own from the copied weight."""
+    served = predictor()
+    twin = copy.deepcopy(served.model)
+    name = served.fused_acts[0][0]
+    original, copied = served.model.get_submodule(name), twin.get_submodule(name)
+    assert type(copied) is PackedConv2d and copied.packed.is_mkldnn and copied.fused_act is not None
+    assert copied.weight is not original.weight and torch.equal(copied.weight, original.weight)
+    x = served._to_device(served.preprocess(synthetic_xray(np.random.default_rng(9), 96, positive=True)))
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(x), served.model(x), atol=0, rtol=0)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import timm
 import torch
 from timm.layers import Conv2dSame
 from torch import nn
 
-from conftest import lite0_predictor, synthetic_xray
+from conftest import assert_same_explanations, lite0_predictor
 from deepcovid.samepad import SizedSameConv2d, unpad_same_convs
 
 
@@ -143,14 +142,8 @@ def test_the_predictor_serves_sized_convolutions_with_the_same_results():
     assert plain.unpadded == [] and any(type(m) is Conv2dSame for m in plain.model.modules())
     assert len(served.unpadded) == 5 and not any(type(m) is Conv2dSame for m in served.model.modules())
     assert "backbone.conv_stem" in served.unpadded  # an activation layer: still found by name, same maps
-    images = [synthetic_xray(np.random.default_rng(3 + k), 96, positive=k == 1) for k in range(2)]
-    for image in images:
-        a, b = plain.explain(image, activations=True), served.explain(image, activations=True)
-        assert b.probabilities == pytest.approx(a.probabilities, abs=1e-6)
-        np.testing.assert_allclose(b.cam, a.cam, atol=1e-4)
-        for (na, ga), (nb, gb) in zip(a.activations, b.activations):
-            assert na == nb and np.abs(ga.astype(int) - gb.astype(int)).max() <= 1
+    assert_same_explanations(plain, served)
     # a folded convolution that was then swapped is still labelled as folded
     name = "blocks.1.0.conv_dw"
     assert f"backbone.{name}" in served.unpadded
-    assert served._layer_label(name) == f"{name} (+BatchNorm, folded)"
+    assert served._layer_label(name) == f"{name} (+BatchNorm, folded; +ReLU6, fused)"
