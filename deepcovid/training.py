@@ -1415,7 +1415,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-augment", action="store_true", default=None, help="switch off all training augmentation")
     p.add_argument("--augment", action="append", metavar="NAME=VALUE",
                    help="override one Table 1 augmentation, e.g. --augment vflip=0 --augment rotation=10 "
-                        "(rotation, hflip, vflip, shift, zoom, blur, blur_p, brightness, contrast, saturation, hue, erase, neg_blur, neg_blur_p); 0 switches it off")
+                        "(rotation, hflip, vflip, shift, zoom, blur, blur_p, brightness, contrast, saturation, hue, erase, neg_blur, neg_blur_p, neg_zoom, neg_zoom_p); 0 switches it off")
     p.add_argument("--balance", help="class imbalance: weighted-loss (default), sampler, none")
     p.add_argument("--threshold", help="decision threshold of a two-class model: val-f1 (default: the F1-optimal "
                                        "threshold on the validation split), recall=R (the highest threshold "

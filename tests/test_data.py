@@ -310,6 +310,36 @@ def test_neg_blur_blurs_only_negative_class_images(tmp_path):
             AugmentConfig.from_dict(bad)
 
 
+def test_neg_zoom_zooms_in_on_negative_class_images_only():
+    """``neg_zoom``: a zoom in (scale in [1, 1 + neg_zoom]) for label-0 training images, per
+    image in the loader and per batch on the device (one resampling with the other geometry);
+    label-1 rows are untouched, and with ``neg_blur`` too both apply."""
+    from deepcovid.transforms import BatchAugment, RandomGaussianBlur, build_negative_augment
+
+    off = AugmentConfig.off().to_dict()
+    assert build_negative_augment(AugmentConfig(**{**off, "neg_zoom": 0.3})) is None  # p 0: off
+    neg = AugmentConfig(**{**off, "neg_zoom": 0.5, "neg_zoom_p": 1.0})
+    x = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    x[:, 16:48, 16:48] = 200  # a centred square: zooming in makes it larger
+    torch.manual_seed(0)
+    grown = [int((build_negative_augment(neg)(x) > 0).sum()) for _ in range(8)]
+    assert min(grown) >= int((x > 0).sum()) and max(grown) > 1.3 * int((x > 0).sum())
+    both = build_negative_augment(AugmentConfig(**{**neg.to_dict(), "neg_blur": 2.0, "neg_blur_p": 1.0}))
+    assert [type(t).__name__ for t in both.transforms] == ["RandomApply", RandomGaussianBlur.__name__]
+    # on a device batch, with the preset's own flips on: only the rows labelled 0 grow
+    xb = x.expand(6, -1, -1, -1).contiguous()
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    out = BatchAugment(AugmentConfig(**{**neg.to_dict(), "hflip": 0.5}), 64)(xb, y)
+    area = (out > 0).flatten(1).sum(1)
+    assert all(int(area[i]) > int((x > 0).sum()) for i in (0, 2, 5))
+    assert all(torch.equal(out[i] * 255, xb[i].float()) for i in (1, 3, 4))  # a symmetric square: flips change nothing
+    with pytest.raises(ValueError, match="needs the batch's labels"):
+        BatchAugment(neg, 64)(xb)
+    for bad, msg in (({"neg_zoom_p": 1.5}, "neg_zoom_p is a probability"), ({"neg_zoom": -0.1}, "neg_zoom is how far")):
+        with pytest.raises(ConfigError, match=msg):
+            AugmentConfig.from_dict(bad)
+
+
 def test_normalize_and_hsv():
     x = torch.tensor([[[255]], [[0]], [[0]]], dtype=torch.uint8)  # pure red
     assert torch.allclose(rgb_to_hsv(x.float() / 255).flatten(), torch.tensor([0.0, 1.0, 1.0]))

@@ -291,6 +291,7 @@ def test_grid_picks_the_better_trial(dataset, tmp_path):
     (["--augment", "erase=nan"], "erase is a probability in [0, 1]"),
     (["--augment", "neg_blur_p=2"], "neg_blur_p is a probability in [0, 1]"),
     (["--augment", "neg_blur=-1"], "neg_blur is a maximum sigma"),
+    (["--augment", "neg_zoom_p=2"], "neg_zoom_p is a probability in [0, 1]"),
     (["--precision", "fp8"], "unknown --precision"),
 ])
 def test_bad_flags_give_clear_errors(dataset, tmp_path, capsys, argv, message):
@@ -473,7 +474,7 @@ def test_augment_on_device_trains_from_batches_kept_on_the_device(dataset, tmp_p
         seen.append(loader)
         return real(model, loader, *a, **kw)
 
-    cfg = {**FAST, "augment_on": "device", "augment": {"neg_blur": 2.0, "neg_blur_p": 0.5}}
+    cfg = {**FAST, "augment_on": "device", "augment": {"neg_blur": 2.0, "neg_blur_p": 0.5, "neg_zoom": 0.2, "neg_zoom_p": 0.5}}
     with caplog.at_level(logging.INFO, logger="deepcovid"), pytest.MonkeyPatch.context() as mp:
         mp.setattr(training, "train_one_epoch", spy)
         res = fit({**resolve_config(cfg), "run_name": "dev"}, dataset, tmp_path)
