@@ -243,8 +243,6 @@ class Predictor:
         serves_packed = self.device.type == "cpu" and self.backend == "eager" and self.amp_dtype is None
         self.prepacked: list[str] = self._prepack(model) if prepack and serves_packed else []
         self.fused_acts: list[tuple[str, str]] = self._fuse_activations(model) if fuse_act and self.prepacked else []
-        self._fused_convs = {id(model.get_submodule(c)): type(model.get_submodule(c).fused_act).__name__
-                             for c, _ in self.fused_acts}
         # after every rewrite: a folded convolution may since have been swapped (samepad, prepack)
         self._folded_convs = {id(model.get_submodule(c)) for c, _ in (self.fold_report.pairs if self.fold_bn else ())}
         self.model = model
@@ -526,10 +524,11 @@ class Predictor:
         """A layer's title on its grid; a convolution whose BatchNorm was folded into it now
         outputs the normalised map, and one with its activation fused the activated map: each
         says so."""
-        layer = id(camlib.resolve_layer(self.model.backbone, name))
-        added = ["+BatchNorm, folded"] if layer in self._folded_convs else []
-        if layer in self._fused_convs:
-            added.append(f"+{self._fused_convs[layer]}, fused")
+        layer = camlib.resolve_layer(self.model.backbone, name)
+        added = ["+BatchNorm, folded"] if id(layer) in self._folded_convs else []
+        act = getattr(layer, "fused_act", None)  # a PackedConv2d knows what it applies
+        if act is not None:
+            added.append(f"+{type(act).__name__}, fused")
         return f"{name} ({'; '.join(added)})" if added else name
 
     def _run_cam(self, x: torch.Tensor, method: str, target_index: int | None, act_names: list[str]):

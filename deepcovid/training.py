@@ -713,7 +713,7 @@ def _loaders(splits, spec_cfg: dict, cfg: dict, device: torch.device, images_tra
     log.info("training images augmented %s", "on the device, a batch at a time" if where == "device"
              else f"per image in the loader ({workers} worker processes)")
     if where == "device":
-        # augmented by the loader, where each batch's labels are (``neg_blur`` needs them)
+        # augmented by the loader, where each batch's labels are (``neg_blur`` and ``neg_zoom`` need them)
         train_loader = DeviceBatches(images_train, cfg["batch_size"], device, generator=g, drop_last=drop_last,
                                      weights=weights, dataset=train_ds, augment=BatchAugment(aug_cfg, size))
     else:

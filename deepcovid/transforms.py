@@ -73,6 +73,14 @@ class AugmentConfig:
             raise ConfigError(f"augmentation neg_zoom is how far past 1 the zoom in goes (0: off), got {d['neg_zoom']!r}")
         return cls(**d)
 
+    @property
+    def neg_blur_on(self) -> bool:
+        return self.neg_blur > 0 and self.neg_blur_p > 0
+
+    @property
+    def neg_zoom_on(self) -> bool:
+        return self.neg_zoom > 0 and self.neg_zoom_p > 0
+
     @classmethod
     def off(cls) -> "AugmentConfig":
         return cls(**{f.name: 0 for f in fields(cls)})
@@ -300,9 +308,9 @@ def build_negative_augment(cfg: AugmentConfig):
     """The extra augmentation of negative-class (label 0) training images (``neg_zoom``, then
     ``neg_blur``), or None."""
     ops: list = []
-    if cfg.neg_zoom > 0 and cfg.neg_zoom_p > 0:
+    if cfg.neg_zoom_on:
         ops.append(v2.RandomApply([RandomAffineUint8(degrees=0, scale=(1.0, 1.0 + cfg.neg_zoom))], p=cfg.neg_zoom_p))
-    if cfg.neg_blur > 0 and cfg.neg_blur_p > 0:
+    if cfg.neg_blur_on:
         ops.append(RandomGaussianBlur(cfg.neg_blur, cfg.neg_blur_p))
     return None if not ops else ops[0] if len(ops) == 1 else v2.Compose(ops)
 
@@ -356,7 +364,7 @@ class BatchAugment:
         import torch.nn.functional as F
 
         c, b, dev = self.cfg, x.shape[0], x.device
-        neg_zoom = negatives is not None and c.neg_zoom > 0 and c.neg_zoom_p > 0
+        neg_zoom = negatives is not None and c.neg_zoom_on
         if not (c.hflip or c.vflip or c.rotation or c.shift or c.zoom or neg_zoom):
             return x
         one = torch.ones(b, device=dev)
@@ -435,11 +443,11 @@ class BatchAugment:
         x = x.float()
         c = self.cfg
         negatives = None
-        if (c.neg_blur > 0 and c.neg_blur_p > 0) or (c.neg_zoom > 0 and c.neg_zoom_p > 0):
+        if c.neg_blur_on or c.neg_zoom_on:
             if labels is None:
                 raise ValueError("BatchAugment with neg_blur or neg_zoom needs the batch's labels")
             negatives = labels.to(x.device) == 0
-        if c.neg_blur > 0 and c.neg_blur_p > 0:
+        if c.neg_blur_on:
             x = self._blur(x, c.neg_blur, c.neg_blur_p, only=negatives)
         # [0, 1] float: what ``normalize`` takes (it divides only uint8 by 255)
         return self._erase(self._jitter(self._blur(self._geometry(x, negatives)))).div_(255.0)
