@@ -17,7 +17,8 @@ Hooks are only ever registered inside ``with`` blocks, and every model call runs
 lock, so concurrent ``predict``/``explain`` calls from several threads never see each other's
 hooks or gradients.
 
-Speed options (``Predictor(..., precision=..., backend=...)``, CLI ``--precision``/``--backend``):
+Speed options (``Predictor(..., precision=..., backend=...)``, CLI ``--precision``/``--backend``;
+the rewrites below are composed by ``serving.serve``):
 
 * the model and its inputs are always ``channels_last`` on CPU and CUDA (oneDNN's fast layout;
   the same numbers as NCHW to float rounding);
@@ -64,6 +65,7 @@ from . import cam as camlib
 from .cam import CAM_METHODS, SLOW_CAM_MESSAGE, SLOW_CAM_METHODS  # noqa: F401  (re-exported)
 from .device import PRECISIONS, available_threads, resolve_device  # noqa: F401  (re-exported)
 from .errors import ConfigError, check_choice
+from .serving import ieee_float32, serve  # noqa: F401  (ieee_float32 re-exported)
 
 __all__ = [
     "CAM_METHODS", "SLOW_CAM_METHODS", "SLOW_CAM_MESSAGE", "Prediction", "Explanation", "Predictor",
@@ -135,24 +137,6 @@ def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     raise ConfigError(f"precision 'bf16' is not supported on device {device}; use precision 'auto' or 'fp32'")
-
-
-@contextlib.contextmanager
-def ieee_float32(device: torch.device):
-    """float32 that means float32 on CUDA too. cuDNN runs float32 convolutions as TF32 by default
-    (a 10-bit mantissa): on an H100 that moved a ResNet50's probabilities by 1.3e-3 from the
-    CPU's; with TF32 off they agreed to 1e-6 (16 X-rays, `deepcovid predict`'s six decimals).
-    Process-wide switches, so they are set only inside the predictor's lock and restored after.
-    """
-    if device.type != "cuda":
-        yield
-        return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 class Predictor:
@@ -233,16 +217,17 @@ class Predictor:
         self.cam_layer_names: tuple[str, ...] = tuple(cam_layers or self.spec.cam_layers)
         self.activation_layer_names: tuple[str, ...] = tuple(self.spec.activation_layers)
         self.fold_bn = bool(fold_bn)
-        self.fold_report = self._fold_batchnorm(model) if self.fold_bn else None
-        self.unpadded: list[str] = self._unpad_same(model) if unpad_same else []
-        # channels_last: oneDNN's (and cuDNN's) fast convolution layout; same numbers as NCHW.
+        # channels_last: oneDNN's (and cuDNN's) fast layout; same numbers as NCHW.
         self.channels_last = self.device.type in ("cpu", "cuda") if channels_last is None else bool(channels_last)
-        model = model.to(self.device, memory_format=torch.channels_last if self.channels_last
-                         else torch.contiguous_format)  # explicit: the model may come in either layout
-        # last: packed weights are tied to the device, dtype and layout they were packed for
-        serves_packed = self.device.type == "cpu" and self.backend == "eager" and self.amp_dtype is None
-        self.prepacked: list[str] = self._prepack(model) if prepack and serves_packed else []
-        self.fused_acts: list[tuple[str, str]] = self._fuse_activations(model) if fuse_act and self.prepacked else []
+        # packed weights serve float32 eager calls only (on a CPU: ``serve`` checks the device)
+        serves_packed = self.backend == "eager" and self.amp_dtype is None
+        model, report = serve(model, self._rewrite_example(model), self.device, keep=self._kept_layers,
+                              fold_bn=self.fold_bn, unpad_same=unpad_same, channels_last=self.channels_last,
+                              prepack=prepack and serves_packed, fuse_act=fuse_act)
+        self.fold_report = report.fold
+        self.unpadded: list[str] = report.unpadded
+        self.prepacked: list[str] = report.prepacked
+        self.fused_acts: list[tuple[str, str]] = report.fused
         # after every rewrite: a folded convolution may since have been swapped (samepad, prepack)
         self._folded_convs = {id(model.get_submodule(c)) for c, _ in (self.fold_report.pairs if self.fold_bn else ())}
         self.model = model
@@ -278,38 +263,6 @@ class Predictor:
         return cls(model, loaded.meta, device=device, path=loaded.path, num_threads=num_threads,
                    cam_layers=cam_layers, precision=precision, backend=backend, channels_last=channels_last,
                    fold_bn=fold_bn, unpad_same=unpad_same, prepack=prepack, fuse_act=fuse_act)
-
-    def _fold_batchnorm(self, model: torch.nn.Module):
-        """Fold BatchNorm into the convolutions before it (``bnfold``), in place, except where the
-        CAM and activation layers read: their outputs stay the checkpoint's."""
-        from .bnfold import fold_batchnorm
-
-        example = self._rewrite_example(model)
-        with ieee_float32(example.device):  # TF32 rounding would blur the fold's own check
-            return fold_batchnorm(model, example, keep=self._kept_layers(model))
-
-    def _unpad_same(self, model: torch.nn.Module) -> list[str]:
-        """Swap TensorFlow 'same' convolutions for plain ones at this checkpoint's input size
-        (``samepad``), in place; the names swapped."""
-        from .samepad import unpad_same_convs
-
-        example = self._rewrite_example(model)
-        with ieee_float32(example.device):
-            return unpad_same_convs(model, example)
-
-    def _prepack(self, model: torch.nn.Module) -> list[str]:
-        """Pack each convolution's weight into oneDNN's layout once (``prepack``), in place, for
-        inputs laid out as served; the names swapped."""
-        from .prepack import prepack_convs
-
-        return prepack_convs(model, self._to_device(self._rewrite_example(model)))
-
-    def _fuse_activations(self, model: torch.nn.Module) -> list[tuple[str, str]]:
-        """Fold each ReLU/ReLU6 after a packed convolution into it (``prepack``), in place,
-        except where the CAM and activation layers read; the (convolution, activation) names."""
-        from .prepack import fuse_activations
-
-        return fuse_activations(model, self._to_device(self._rewrite_example(model)), keep=self._kept_layers(model))
 
     def _kept_layers(self, model: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
         """The layers Grad-CAM and the activation maps read, whose outputs the rewrites keep."""

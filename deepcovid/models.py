@@ -350,6 +350,12 @@ def make_head(num_features: int, num_outputs: int, hidden: int = 64, dropout: fl
     )
 
 
+def pooled_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``backbone(x)``, without the auxiliary logits a torchvision Inception adds in training."""
+    feats = backbone(x)
+    return feats[0] if isinstance(feats, tuple) else feats
+
+
 class DeepCovidNet(WithTTA, nn.Module):
     """Backbone (pooled features) + the paper's head.
 
@@ -382,11 +388,6 @@ class DeepCovidNet(WithTTA, nn.Module):
             return (out, aux) if aux is not None else out
         return self.head(feats)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features, whatever the mode (used by the feature cache)."""
-        feats = self.backbone(x)
-        return feats[0] if isinstance(feats, tuple) else feats
-
     def split_frozen(self, freeze) -> tuple[nn.Module, nn.Module] | None:
         """(frozen prefix, trainable rest incl. the head) such that
         ``rest(prefix(x)) == self.plain_forward(x)`` in eval mode, for caching the prefix's
@@ -400,7 +401,7 @@ class DeepCovidNet(WithTTA, nn.Module):
         if mode == "none":
             return None
         if mode == "backbone":
-            return _Features(self), self.head
+            return _Features(self.backbone), self.head
         b = self.backbone
         if self.arch.startswith("efficientnet_lite"):
             k = len(b.blocks) - mode + 1  # the last "block" is conv_head
@@ -454,21 +455,15 @@ class DeepCovidNet(WithTTA, nn.Module):
 
 
 class _Features(nn.Module):
-    """``model.features`` as a module (the prefix when only the head trains)."""
+    """The model's pooled backbone features as a module (the prefix when only the head trains):
+    it holds the model's own backbone, shared, so a copy of it copies the backbone alone."""
 
-    def __init__(self, model: "DeepCovidNet"):
+    def __init__(self, backbone: nn.Module):
         super().__init__()
-        self.model = [model]  # a list: not registered as a submodule, no duplicated parameters
-
-    def train(self, mode: bool = True):
-        # The backbone is not a registered submodule here, so pass the mode on explicitly:
-        # extracting features in train mode would use batch statistics in BatchNorm.
-        super().train(mode)
-        self.model[0].backbone.train(mode)
-        return self
+        self.backbone = backbone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model[0].features(x)
+        return pooled_features(self.backbone, x)
 
 
 class EnsembleNet(WithTTA, nn.Module):

@@ -383,6 +383,39 @@ def test_cached_frozen_layers_reproduce_the_uncached_run(dataset, tmp_path, free
     assert res[(True, "loss")] == pytest.approx(res[(False, "loss")], abs=tol)
 
 
+@pytest.mark.parametrize("freeze", ["backbone", 2])
+def test_feature_cache_serves_a_copy_of_the_frozen_layers(freeze):
+    """The one pass over the frozen layers runs a served copy (BatchNorm folded, weights packed and
+    ReLUs fused on a CPU in float32): the same outputs, and the model itself untouched."""
+    from contextlib import nullcontext
+
+    from torch import nn
+
+    from deepcovid.models import build_model
+    from deepcovid.prepack import PackedConv2d, available
+    from deepcovid.training import FeatureCache
+
+    torch.manual_seed(0)
+    m = build_model("efficientnet_lite0", 2, weights="none", freeze=freeze).eval()
+    prefix, _ = m.split_frozen(freeze)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(3, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    served = FeatureCache.served(prefix, x[:1], nullcontext)
+    assert served is not prefix
+    with torch.inference_mode():
+        want, got = prefix(x), served(x)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    bns = lambda mod: [b for b in mod.modules() if isinstance(b, nn.BatchNorm2d)]  # noqa: E731
+    assert bns(prefix) and not bns(served)  # every BatchNorm folded in the copy, none in the model
+    assert not any(isinstance(c, PackedConv2d) for c in m.modules())
+    assert any(isinstance(c, PackedConv2d) for c in served.modules()) == available()
+    after = m.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    # under autocast the packed weights would not serve: nothing is packed, BatchNorm still folds
+    bf16 = FeatureCache.served(prefix, x[:1], lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert not bns(bf16) and not any(isinstance(c, PackedConv2d) for c in bf16.modules())
+
+
 def test_split_frozen_is_exact():
     import torch
 
