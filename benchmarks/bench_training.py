@@ -130,16 +130,15 @@ def bench_feature_cache(root: Path, size: int, epochs: int, arch: str, max_image
     splits.test = None
     import deepcovid.training as training
 
-    out, extract_s = {}, {}
+    out, extract_s = {}, []
     real_build, real_served = training.FeatureCache.build, training.FeatureCache.served
-    run = [""]
 
     def timed_build(*a, **k):  # the cached run's one pass over the frozen backbone
         t0 = time.perf_counter()
         try:
             return real_build(*a, **k)
         finally:
-            extract_s.setdefault(run[0], time.perf_counter() - t0)
+            extract_s.append(time.perf_counter() - t0)
 
     def as_trained(prefix, example, amp):  # the frozen layers as the model trains them
         return prefix
@@ -157,18 +156,17 @@ def bench_feature_cache(root: Path, size: int, epochs: int, arch: str, max_image
                 cfg = resolve_config({"arch": arch, "weights": "imagenet", "freeze": "backbone", "epochs": epochs,
                                       "input_size": size, "no_augment": True, "patience": 0, "cache": cache,
                                       "cache_dir": str(Path(tmp) / "cache"), "feature_cache": cached, "lr": 1e-3})
-                run[0] = name
+                extract_s.clear()
                 training.FeatureCache.served = staticmethod(as_trained if name == "as trained" else real_served)
                 t0 = time.perf_counter()
                 res = fit({**cfg, "run_name": name.replace(" ", "-")}, splits.root, Path(tmp), splits=splits)
                 seconds = time.perf_counter() - t0
                 with (res.run_dir / "history.csv").open() as f:
                     epoch_s = [float(row["seconds"]) for row in csv.DictReader(f)]
-                out[name] = {"seconds": seconds, "epoch_s": epoch_s, **res.val_metrics}
+                out[name] = {"seconds": seconds, "epoch_s": epoch_s, **res.val_metrics,
+                             "extract_s": extract_s[0] if extract_s else float("nan")}
     finally:
         training.FeatureCache.build, training.FeatureCache.served = real_build, staticmethod(real_served)
-    out["extract_s"] = extract_s.get("cached", float("nan"))
-    out["extract_trained_s"] = extract_s.get("as trained", float("nan"))
     return out
 
 
@@ -268,12 +266,12 @@ def print_feature_cache(train_root: Path, fe_size: int, fe_epochs: int, arch: st
           f"(caching alone: {r['uncached']['seconds'] / r['as trained']['seconds']:.1f}x; "
           f"features read from disk: {r['uncached']['seconds'] / r['reused']['seconds']:.1f}x)")
     unc_epoch = float(np.median(r["uncached"]["epoch_s"]))
+    served, trained = r["cached"]["extract_s"], r["as trained"]["extract_s"]
     print(f"\nThe cached run must still pass every image through the frozen backbone once: that pass took "
-          f"{r['extract_s']:.1f} s served ({r['extract_trained_s']:.1f} s as trained), one uncached epoch "
+          f"{served:.1f} s served ({trained:.1f} s as trained), one uncached epoch "
           f"{unc_epoch:.1f} s (median), one cached epoch {float(np.median(r['cached']['epoch_s'])):.3f} s. "
-          f"Ceiling for {fe_epochs} epochs, set-up excluded: {fe_epochs} x {unc_epoch:.1f} / {r['extract_s']:.1f} "
-          f"= {fe_epochs * unc_epoch / r['extract_s']:.1f}x served, "
-          f"{fe_epochs * unc_epoch / r['extract_trained_s']:.1f}x as trained.")
+          f"Ceiling for {fe_epochs} epochs, set-up excluded: {fe_epochs} x {unc_epoch:.1f} / {served:.1f} "
+          f"= {fe_epochs * unc_epoch / served:.1f}x served, {fe_epochs * unc_epoch / trained:.1f}x as trained.")
 
 
 def main(argv=None) -> int:
