@@ -112,3 +112,21 @@ def test_roc_plot_legend_shows_auc_to_three_decimals(tmp_path, monkeypatch):
     out = plots.plot_roc(y, p, tmp_path / "roc.png")
     assert out.is_file() and out.stat().st_size > 1000
     assert legends == [[f"AUC = {expected:.3f}"]], legends
+
+
+def test_curves_mark_whole_epochs_only(tmp_path, monkeypatch):
+    from deepcovid import plots
+
+    seen = {}
+    save = plots._save
+
+    def spy(fig, path):
+        seen["ticks"] = [list(ax.get_xticks()) for ax in fig.axes]
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "train_accuracy": 0.8 + e / 100,
+                "val_accuracy": 0.79 + e / 100} for e in (1, 2, 3, 4)]
+    out = plots.plot_curves(history, tmp_path / "curves.png")
+    assert out.is_file() and out.stat().st_size > 0
+    assert len(seen["ticks"]) == 2 and all(ticks and all(float(t).is_integer() for t in ticks) for ticks in seen["ticks"])
