@@ -34,6 +34,7 @@ from .checkpoint import atomic_write_text, read_checkpoint, save_checkpoint, ver
 from .device import PRECISIONS
 from .errors import CheckpointError, ConfigError, DataError, check_choice
 from .metrics import METRIC_KEYS, best_f1_threshold, bootstrap_ci, compute_metrics, format_ci_list, format_table, recall_threshold
+from .models import WithTTA
 from .progress import progress
 
 log = logging.getLogger("deepcovid")
@@ -566,7 +567,8 @@ class WeightAverage:
 
     def update(self, model: nn.Module) -> None:
         self.updates += 1
-        self.ema.update(getattr(model, "_orig_mod", model), step=self.updates)  # a torch.compile'd model's own module
+        model = getattr(model, "_orig_mod", model)  # a torch.compile'd model's own module
+        self.ema.update(getattr(model, "whole", model), step=self.updates)  # a ServedFrozen's model
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         return {f"ema.{k}": v.detach().clone() for k, v in self.module.state_dict().items()}
@@ -731,7 +733,7 @@ def _loaders(splits, spec_cfg: dict, cfg: dict, device: torch.device, images_tra
 # training batch.
 CPU_EXTRACT_BATCH = 16
 
-# How cached features are computed (``FeatureCache.served``): part of their identity, so that
+# How cached features are computed (``serve_frozen``): part of their identity, so that
 # features computed another way (float rounding apart) are not mixed with these.
 FEATURE_EXTRACTION = "served-v1"
 
@@ -753,6 +755,71 @@ def _feature_key(cfg: dict, arch: str, input_size: int, data_meta: dict, aug_cfg
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
+def serve_frozen(prefix: nn.Module, example: torch.Tensor, amp, purpose: str = "caching") -> nn.Module:
+    """A copy of a model's frozen layers rewritten as the ``Predictor`` serves a model (BatchNorm
+    folded, no 'same' padding copy, and on a CPU in float32 the convolution weights packed with
+    their ReLUs fused: ``serving.serve``), each rewrite checked on ``example`` (a model input). The
+    same outputs to float rounding, in less time than the layers as trained: 1.1-1.5x for a cached
+    run's one pass, 1.3-1.5x for an uncached run's epoch (efficientnet_lite0, 450 images at 224 px,
+    this project's 2-core CPU; benchmarks/bench_training.py --only-feature-cache). The model's own
+    layers are not touched. Used for the feature cache's one pass, and by an uncached frozen run
+    (``ServedFrozen``) in every epoch."""
+    import copy
+
+    from .serving import serve
+
+    with amp():
+        autocast = torch.is_autocast_enabled(example.device.type)
+    layers = copy.deepcopy(prefix).eval().requires_grad_(False)
+    layers, report = serve(layers, example, example.device, channels_last=example.device.type in ("cpu", "cuda"),
+                           prepack=not autocast)
+    log.info("frozen layers served for %s: %d BatchNorm folded, %d convolutions packed, %d activations fused",
+             purpose, len(report.fold.pairs), len(report.prepacked), len(report.fused))
+    return layers
+
+
+def _example_input(dataset, device, prepare) -> torch.Tensor:
+    """The first image of ``dataset`` as the model takes it, to check ``serve_frozen``'s rewrites on."""
+    return model_input(torch.as_tensor(dataset[0][0])[None], device, prepare)
+
+
+class ServedFrozen(WithTTA, nn.Module):
+    """What an uncached run with frozen layers trains and validates: a served copy of the frozen
+    part (``serve_frozen``), run without autograd, then the model's own trainable rest (shared).
+
+    A run whose frozen outputs cannot be cached (``--mixup``, ``--tta``, ``--ema`` or
+    ``--no-feature-cache`` with ``--freeze`` other than none) computes the frozen layers every
+    epoch; this way they cost what the cache's one pass costs per image. ``whole`` is the model
+    itself (not a submodule): its state dict is what is saved, and what ``--ema`` averages."""
+
+    def __init__(self, model: nn.Module, frozen: nn.Module, rest: nn.Module):
+        super().__init__()
+        self.frozen, self.rest = frozen, rest
+        self.tta, self.num_outputs = model.tta, model.num_outputs
+        self._whole = (model,)
+
+    @property
+    def whole(self) -> nn.Module:
+        return self._whole[0]
+
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = self.frozen(x)
+        return self.rest(x)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.frozen.eval()  # frozen layers keep their statistics, as the model's own do
+        return self
+
+
+def serves_frozen_every_epoch(cfg: dict, feature_cached: bool) -> bool:
+    """Whether an uncached run runs its frozen layers served (``ServedFrozen``). Not with
+    ``--compile`` (the packed convolutions are eager-only) nor ``--drop-path`` (stochastic depth
+    would act in the frozen blocks while training, and served layers are in eval mode)."""
+    return not feature_cached and not cfg["compile"] and not cfg.get("drop_path")
+
+
 class FeatureCache:
     """Outputs of the frozen part of the model (pooled features when only the head trains, the
     boundary activations when the last N blocks train) for every training image (``views``
@@ -761,28 +828,6 @@ class FeatureCache:
 
     def __init__(self, train: torch.Tensor, train_y: torch.Tensor, val: torch.Tensor, val_y: torch.Tensor):
         self.train, self.train_y, self.val, self.val_y = train, train_y, val, val_y
-
-    @staticmethod
-    def served(prefix: nn.Module, example: torch.Tensor, amp) -> nn.Module:
-        """A copy of the frozen layers rewritten as the ``Predictor`` serves a model (BatchNorm
-        folded, no 'same' padding copy, and on a CPU in float32 the convolution weights packed
-        with their ReLUs fused: ``serving.serve``), each rewrite checked on ``example`` (a model
-        input). The same outputs to float rounding; a cached run's one pass over the frozen layers
-        took 1.1-1.5x less time than with the layers as trained (efficientnet_lite0, 450 images at
-        224 px, this project's 2-core CPU; benchmarks/bench_training.py --only-feature-cache).
-        The model's own layers are not touched."""
-        import copy
-
-        from .serving import serve
-
-        with amp():
-            autocast = torch.is_autocast_enabled(example.device.type)
-        layers = copy.deepcopy(prefix).eval().requires_grad_(False)
-        layers, report = serve(layers, example, example.device, channels_last=example.device.type in ("cpu", "cuda"),
-                               prepack=not autocast)
-        log.info("frozen layers served for caching: %d BatchNorm folded, %d convolutions packed, %d activations fused",
-                 len(report.fold.pairs), len(report.prepacked), len(report.fused))
-        return layers
 
     @staticmethod
     def _extract(prefix, dataset, device, amp, batch_size: int, desc: str, prepare=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -819,8 +864,7 @@ class FeatureCache:
         # More views than epochs would compute features that no epoch uses.
         views = 1 if cfg["no_augment"] else max(1, min(int(cfg["feature_views"]), int(cfg["epochs"])))
         bs = CPU_EXTRACT_BATCH if device.type == "cpu" else cfg["batch_size"] * 2
-        example = model_input(torch.as_tensor((val_ds if len(val_ds) else train_ds)[0][0])[None], device, prepare)
-        prefix = cls.served(prefix, example, amp)
+        prefix = serve_frozen(prefix, _example_input(val_ds if len(val_ds) else train_ds, device, prepare), amp)
         train_views = []
         log.info("caching the frozen layers' outputs: %d view(s) of %d training images, then %d validation images",
                  views, len(train_ds), len(val_ds))
@@ -1032,6 +1076,9 @@ def _fit(cfg: dict, data_root: Path, output: Path, *, arch: str | None, resume: 
                                    cache_key=_feature_key(cfg, arch, input_size, data_meta, aug_cfg), prepare=prepare)
         train_loader, val_loader = feats.loaders(cfg, device, generator=order_rng)
         prepare = None  # cached outputs are already what the trained part takes
+    elif serves_frozen_every_epoch(cfg, feature_cached) and (split := model.split_frozen(cfg["freeze"])) is not None:
+        example = _example_input(val_loader.dataset, device, prepare)  # validation is never empty here
+        step_model = ServedFrozen(model, serve_frozen(split[0], example, amp, "every epoch"), split[1])
 
     if resume_state is not None and ORDER_RNG_KEY in resume_state.extra:
         # The loaders draw each epoch's order from one generator that advances epoch by epoch;

@@ -21,11 +21,12 @@ def test_training_benchmarks_run_in_quick_mode(capsys):
     speedup = float(re.search(r"speed-up: ([0-9.]+)x", out).group(1))
     assert speedup > 0
     # the cached and uncached head-only runs agree (seeded, no augmentation)
-    f1s = re.findall(r"\| (?:uncached|cached[^|]*) \| [0-9.]+ \| ([0-9.]+) \|", out)
-    assert len(f1s) == 4 and len(set(f1s)) == 1  # served, as trained and read from disk: one model
+    f1s = re.findall(r"\| (?:uncached|cached)[^|]* \| [0-9.]+ \| ([0-9.]+) \|", out)
+    assert len(f1s) == 5 and len(set(f1s)) == 1  # served, as trained and read from disk: one model
     assert float(re.search(r"features read from disk: ([0-9.]+)x", out).group(1)) > 0
     assert float(re.search(r"caching alone: ([0-9.]+)x", out).group(1)) > 0
-    assert re.search(r"= [0-9.]+x served, [0-9.]+x as trained\.", out)
+    assert re.search(r"= [0-9.]+x served, \d+ x [0-9.]+ / [0-9.]+ = [0-9.]+x as trained\.", out)
+    assert float(re.search(r"against the uncached run as trained: ([0-9.]+)x", out).group(1)) > 0
     # the allocator section ran both settings in their own processes
     assert re.search(r"\| freed memory kept \(`keep_freed_memory`\) \| [0-9.]+ \| [0-9.]+ \| \d+ \|", out)
     assert float(re.search(r"speed-up of a training step: ([0-9.]+)x", out).group(1)) > 0
@@ -33,7 +34,7 @@ def test_training_benchmarks_run_in_quick_mode(capsys):
 
 def test_feature_cache_section_alone_with_freed_memory_kept():
     """``--only-feature-cache --keep-freed-memory`` on a few real X-rays, in its own process (the
-    allocator setting lasts for the process): the four runs, one model, and the flag applied."""
+    allocator setting lasts for the process): the five rows, one model, and the flag applied."""
     import subprocess
 
     from conftest import shared_data_or_skip
@@ -46,6 +47,6 @@ def test_feature_cache_section_alone_with_freed_memory_kept():
     out = proc.stdout
     assert "freed memory kept for reuse (as `deepcovid train` runs): True" in out
     assert "## 1." not in out and "## 3." not in out and "## 4." not in out
-    f1s = re.findall(r"\| (?:uncached|cached[^|]*) \| [0-9.]+ \| ([0-9.]+) \|", out)
-    assert len(f1s) == 4 and len(set(f1s)) == 1
+    f1s = re.findall(r"\| (?:uncached|cached)[^|]* \| [0-9.]+ \| ([0-9.]+) \|", out)
+    assert len(f1s) == 5 and len(set(f1s)) == 1
     assert float(re.search(r"caching alone: ([0-9.]+)x", out).group(1)) > 0
