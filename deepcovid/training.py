@@ -1205,9 +1205,11 @@ def predict_samples(ckpt, samples, *, cfg: dict | None = None, device: torch.dev
 
     from .data import DecodedImages, XRayDataset
 
+    from .serving import serve
+
     meta = ckpt.meta
     device = device or select_device("auto")
-    model = ckpt.build_model().to(device, memory_format=torch.channels_last)
+    model = ckpt.build_model().eval()
     cache = (cfg or {}).get("cache", "memory")
     images = DecodedImages(samples, int(meta["input_size"]), "memory" if cache == "off" else cache,
                            Path(cfg["cache_dir"]) if cfg and cfg.get("cache_dir") else None, desc=f"decoding {desc}",
@@ -1216,6 +1218,13 @@ def predict_samples(ckpt, samples, *, cfg: dict | None = None, device: torch.dev
         raise DataError(f"no readable images to evaluate on ({len(images.bad)} unreadable)")
     ds = XRayDataset(images, meta["mean"], meta["std"], meta["color_space"])
     amp, _ = autocast_for(device)
+    with amp():
+        autocast = torch.is_autocast_enabled(device.type)
+    # Served as the Predictor serves it (BatchNorm folded, no padding copy, channels_last, on a CPU
+    # in float32 weights packed with ReLUs fused), each rewrite checked on the first image: the
+    # same probabilities to float rounding, and what `predict` and the web app compute.
+    model, _ = serve(model, torch.as_tensor(ds[0][0])[None], device, channels_last=device.type in ("cpu", "cuda"),
+                     prepack=not autocast)
     _, y, p = evaluate(model, DataLoader(ds, batch_size=32, shuffle=False), None, device, amp=amp, desc=desc)
     return y, p, images.bad
 

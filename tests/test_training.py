@@ -701,3 +701,39 @@ def test_clahe_with_loader_workers_trains_and_each_worker_has_one_opencv_thread(
     assert all(counts == ["1"] for counts in got["workers"].values()), got["workers"]
     runs = list((tmp_path / "out").glob("*/best.safetensors"))
     assert len(runs) == 1 and read_checkpoint(runs[0]).meta["clahe"] == 2.0
+
+
+@pytest.mark.parametrize("tta", [None, "hflip"])
+def test_evaluation_serves_the_checkpoint_and_gives_its_probabilities(tmp_path, image_folder, tta):
+    """``predict_samples`` (evaluate, the test/ report) runs the checkpoint served as the Predictor
+    serves it (BatchNorm folded, weights packed on a CPU): the probabilities of the checkpoint's own
+    modules, to float rounding."""
+    from torch.utils.data import DataLoader
+
+    import deepcovid.serving as serving
+    from conftest import make_checkpoint
+    from deepcovid.data import DecodedImages, XRayDataset, discover
+    from deepcovid.prepack import available
+    from deepcovid.training import predict_samples
+
+    ck = read_checkpoint(make_checkpoint(tmp_path / "run", tta=tta))
+    _, samples = discover(image_folder, ck.meta["classes"])
+    reports = []
+    real = serving.serve
+
+    def recording(*a, **k):
+        model, report = real(*a, **k)
+        reports.append(report)
+        return model, report
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(serving, "serve", recording)
+        y, p, bad = predict_samples(ck, samples)
+    assert len(reports) == 1 and reports[0].fold.pairs and bool(reports[0].prepacked) == available()
+    ds = XRayDataset(DecodedImages(samples, ck.meta["input_size"], "memory", None), ck.meta["mean"], ck.meta["std"],
+                     ck.meta["color_space"])
+    model = ck.build_model().eval()
+    with torch.inference_mode():
+        want = torch.cat([torch.sigmoid(model(x)).flatten() for x, _ in DataLoader(ds, batch_size=5)]).numpy()
+    assert not bad and len(p) == len(samples) == 12 and sorted(set(y.tolist())) == [0, 1]
+    assert p.ravel() == pytest.approx(want, abs=1e-5)
