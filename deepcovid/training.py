@@ -766,16 +766,20 @@ def serve_frozen(prefix: nn.Module, example: torch.Tensor, amp, purpose: str = "
     (``ServedFrozen``) in every epoch."""
     import copy
 
-    from .serving import serve
-
-    with amp():
-        autocast = torch.is_autocast_enabled(example.device.type)
-    layers = copy.deepcopy(prefix).eval().requires_grad_(False)
-    layers, report = serve(layers, example, example.device, channels_last=example.device.type in ("cpu", "cuda"),
-                           prepack=not autocast)
+    layers, report = _serve(copy.deepcopy(prefix).eval().requires_grad_(False), example, example.device, amp)
     log.info("frozen layers served for %s: %d BatchNorm folded, %d convolutions packed, %d activations fused",
              purpose, len(report.fold.pairs), len(report.prepacked), len(report.fused))
     return layers
+
+
+def _serve(model: nn.Module, example: torch.Tensor, device: torch.device, amp):
+    """``serving.serve`` for a model that runs under ``amp`` on ``device``: channels_last on a CPU or
+    CUDA, weights packed only where no autocast runs (packed weights serve float32 calls only)."""
+    from .serving import serve
+
+    with amp():
+        autocast = torch.is_autocast_enabled(device.type)
+    return serve(model, example, device, channels_last=device.type in ("cpu", "cuda"), prepack=not autocast)
 
 
 def _example_input(dataset, device, prepare) -> torch.Tensor:
@@ -1205,8 +1209,6 @@ def predict_samples(ckpt, samples, *, cfg: dict | None = None, device: torch.dev
 
     from .data import DecodedImages, XRayDataset
 
-    from .serving import serve
-
     meta = ckpt.meta
     device = device or select_device("auto")
     model = ckpt.build_model().eval()
@@ -1218,13 +1220,10 @@ def predict_samples(ckpt, samples, *, cfg: dict | None = None, device: torch.dev
         raise DataError(f"no readable images to evaluate on ({len(images.bad)} unreadable)")
     ds = XRayDataset(images, meta["mean"], meta["std"], meta["color_space"])
     amp, _ = autocast_for(device)
-    with amp():
-        autocast = torch.is_autocast_enabled(device.type)
     # Served as the Predictor serves it (BatchNorm folded, no padding copy, channels_last, on a CPU
     # in float32 weights packed with ReLUs fused), each rewrite checked on the first image: the
     # same probabilities to float rounding, and what `predict` and the web app compute.
-    model, _ = serve(model, torch.as_tensor(ds[0][0])[None], device, channels_last=device.type in ("cpu", "cuda"),
-                     prepack=not autocast)
+    model, _ = _serve(model, torch.as_tensor(ds[0][0])[None], device, amp)
     _, y, p = evaluate(model, DataLoader(ds, batch_size=32, shuffle=False), None, device, amp=amp, desc=desc)
     return y, p, images.bad
 
